@@ -1,0 +1,489 @@
+//! memU Cloud v3-compatible routes and memU-server aliases. Unlike memU-server, every read is
+//! scoped by `user_id`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::{ApiError, ApiJson};
+use crate::model::{ItemFilter, MemoryType, Message, Scope, Task, TaskStatus};
+use crate::service::{MemorizeInput, RetrieveInput, RetrieveOutput};
+
+/// Message content: a string, or memU 1.x's `{text}` object.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Object { text: String },
+}
+
+impl MessageContent {
+    fn into_text(self) -> String {
+        match self {
+            MessageContent::Text(t) | MessageContent::Object { text: t } => t,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct ConversationMessage {
+    /// `user`, `assistant`, `system` or `tool`.
+    pub role: String,
+    pub content: MessageContent,
+    pub name: Option<String>,
+    /// RFC 3339 timestamp, or a date `YYYY-MM-DD`.
+    pub created_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct MemorizeRequest {
+    pub user_id: String,
+    pub agent_id: Option<String>,
+    pub user_name: Option<String>,
+    pub agent_name: Option<String>,
+    /// RFC 3339 timestamp, or a date `YYYY-MM-DD`.
+    pub session_date: Option<String>,
+    pub conversation: Vec<ConversationMessage>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemorizeResponse {
+    pub task_id: Uuid,
+    pub status: TaskStatus,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskStatusResponse {
+    pub task_id: Uuid,
+    pub status: TaskStatus,
+    pub user_id: String,
+    pub agent_id: String,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<Task> for TaskStatusResponse {
+    fn from(t: Task) -> Self {
+        Self {
+            task_id: t.id,
+            status: t.status,
+            user_id: t.user_id,
+            agent_id: t.agent_id,
+            attempts: t.attempts,
+            created_at: t.created_at,
+            started_at: t.started_at,
+            completed_at: t.completed_at,
+            error: t.error,
+        }
+    }
+}
+
+/// A query: one string, or a conversation whose last user message is the query.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Query {
+    Text(String),
+    Conversation(Vec<QueryMessage>),
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct QueryMessage {
+    pub role: String,
+    pub content: MessageContent,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrieveMethod {
+    #[default]
+    Rag,
+    Llm,
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct RetrieveRequest {
+    pub user_id: String,
+    pub agent_id: Option<String>,
+    pub query: Query,
+    pub top_k: Option<usize>,
+    pub memory_types: Option<Vec<MemoryType>>,
+    pub method: Option<RetrieveMethod>,
+    /// Only memories that happened at or after this time (RFC 3339).
+    pub since: Option<DateTime<Utc>>,
+    /// Only memories that happened before this time (RFC 3339).
+    pub until: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetrievedCategory {
+    pub name: String,
+    pub description: String,
+    pub summary: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetrievedItem {
+    pub id: Uuid,
+    pub memory_type: MemoryType,
+    pub summary: String,
+    /// The same text as `summary` (memU clients read either).
+    pub content: String,
+    pub score: f32,
+    pub agent_id: String,
+    pub resource_id: Option<Uuid>,
+    pub happened_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetrievedResource {
+    pub id: Uuid,
+    pub modality: crate::model::Modality,
+    pub caption: Option<String>,
+    /// The resource as text (`role: content` lines for a conversation).
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RetrieveResponse {
+    pub rewritten_query: String,
+    pub categories: Vec<RetrievedCategory>,
+    pub items: Vec<RetrievedItem>,
+    pub resources: Vec<RetrievedResource>,
+}
+
+impl From<RetrieveOutput> for RetrieveResponse {
+    fn from(out: RetrieveOutput) -> Self {
+        Self {
+            rewritten_query: out.query,
+            categories: out
+                .categories
+                .into_iter()
+                .map(|c| RetrievedCategory {
+                    name: c.category.name,
+                    description: c.category.description,
+                    summary: c.category.summary,
+                    score: c.score,
+                })
+                .collect(),
+            items: out
+                .items
+                .into_iter()
+                .map(|s| RetrievedItem {
+                    id: s.item.id,
+                    memory_type: s.item.memory_type,
+                    content: s.item.summary.clone(),
+                    summary: s.item.summary,
+                    score: s.score,
+                    agent_id: s.item.agent_id,
+                    resource_id: s.item.resource_id,
+                    happened_at: s.item.happened_at,
+                    created_at: s.item.created_at,
+                })
+                .collect(),
+            resources: out
+                .resources
+                .into_iter()
+                .map(|r| RetrievedResource {
+                    id: r.id,
+                    modality: r.modality,
+                    content: r
+                        .messages()
+                        .iter()
+                        .map(|m| format!("{}: {}", m.role, m.content))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    caption: r.caption,
+                    created_at: r.created_at,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct ScopeRequest {
+    pub user_id: String,
+    pub agent_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CategoryOut {
+    pub name: String,
+    pub description: String,
+    pub user_id: String,
+    pub agent_id: String,
+    pub summary: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CategoriesResponse {
+    pub categories: Vec<CategoryOut>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClearResponse {
+    pub deleted: crate::model::DeletedCounts,
+}
+
+const ROLES: &[&str] = &["user", "assistant", "system", "tool"];
+
+/// Checks an id field: non-empty, not too long, no control characters.
+pub fn check_id(field: &str, value: &str, max_len: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must not be empty"),
+        ));
+    }
+    if value.len() > max_len {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} is longer than {max_len} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(value, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    Err(ApiError::invalid(
+        field,
+        format!("{field}: `{value}` is neither an RFC 3339 time nor a YYYY-MM-DD date"),
+    ))
+}
+
+fn memorize_input(state: &AppState, req: MemorizeRequest) -> Result<MemorizeInput, ApiError> {
+    let max = state.service.config.memory.max_id_len;
+    check_id("user_id", &req.user_id, max)?;
+    if let Some(agent) = &req.agent_id {
+        check_id("agent_id", agent, max)?;
+    }
+    if req.conversation.is_empty() {
+        return Err(ApiError::invalid(
+            "conversation",
+            "conversation must hold at least one message",
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.conversation.len());
+    for (i, m) in req.conversation.into_iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::invalid(
+                format!("conversation[{i}].role"),
+                format!("conversation[{i}].role must be one of {}", ROLES.join(", ")),
+            ));
+        }
+        let content = m.content.into_text();
+        if content.trim().is_empty() {
+            return Err(ApiError::invalid(
+                format!("conversation[{i}].content"),
+                format!("conversation[{i}].content must not be empty"),
+            ));
+        }
+        let created_at = m
+            .created_at
+            .as_deref()
+            .map(|t| parse_time(&format!("conversation[{i}].created_at"), t))
+            .transpose()?;
+        messages.push(Message {
+            role: m.role,
+            content,
+            name: m.name,
+            created_at,
+        });
+    }
+    Ok(MemorizeInput {
+        scope: Scope::new(req.user_id, req.agent_id),
+        user_name: req.user_name,
+        agent_name: req.agent_name,
+        session_date: req
+            .session_date
+            .as_deref()
+            .map(|t| parse_time("session_date", t))
+            .transpose()?,
+        messages,
+    })
+}
+
+/// Queue a conversation for memorization.
+#[utoipa::path(post, path = "/api/v3/memory/memorize", tag = "memory",
+    request_body = MemorizeRequest,
+    responses((status = 202, body = MemorizeResponse), (status = 422, body = super::error::ErrorBody)))]
+pub async fn memorize(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<MemorizeRequest>,
+) -> Result<(StatusCode, Json<MemorizeResponse>), ApiError> {
+    let input = memorize_input(&state, req)?;
+    let task = state.service.memorize(input).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(MemorizeResponse {
+            task_id: task.id,
+            status: task.status,
+            message: "memorize task queued".into(),
+        }),
+    ))
+}
+
+/// Status of a memorize task.
+#[utoipa::path(get, path = "/api/v3/memory/memorize/status/{task_id}", tag = "memory",
+    params(("task_id" = Uuid, Path)),
+    responses((status = 200, body = TaskStatusResponse), (status = 404, body = super::error::ErrorBody)))]
+pub async fn memorize_status(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+) -> Result<Json<TaskStatusResponse>, ApiError> {
+    let id = Uuid::parse_str(&task_id)
+        .map_err(|_| ApiError::invalid("task_id", format!("task_id `{task_id}` is not a UUID")))?;
+    Ok(Json(state.service.task(id).await?.into()))
+}
+
+fn query_text(query: Query) -> Result<String, ApiError> {
+    let text = match query {
+        Query::Text(t) => t,
+        Query::Conversation(messages) => {
+            let last_user = messages.iter().rposition(|m| m.role == "user");
+            let index = last_user.or(messages.len().checked_sub(1)).ok_or_else(|| {
+                ApiError::invalid(
+                    "query",
+                    "query must be a string or a non-empty list of messages",
+                )
+            })?;
+            messages
+                .into_iter()
+                .nth(index)
+                .expect("index in range")
+                .content
+                .into_text()
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid("query", "query must not be empty"));
+    }
+    Ok(text)
+}
+
+/// Retrieve the memories of one user that matter for a query.
+#[utoipa::path(post, path = "/api/v3/memory/retrieve", tag = "memory",
+    request_body = RetrieveRequest,
+    responses((status = 200, body = RetrieveResponse), (status = 422, body = super::error::ErrorBody)))]
+pub async fn retrieve(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<RetrieveRequest>,
+) -> Result<Json<RetrieveResponse>, ApiError> {
+    let memory = &state.service.config.memory;
+    check_id("user_id", &req.user_id, memory.max_id_len)?;
+    if let Some(agent) = &req.agent_id {
+        check_id("agent_id", agent, memory.max_id_len)?;
+    }
+    let top_k = req.top_k.unwrap_or(memory.default_top_k);
+    if top_k == 0 || top_k > memory.max_top_k {
+        return Err(ApiError::invalid(
+            "top_k",
+            format!("top_k must be between 1 and {}", memory.max_top_k),
+        ));
+    }
+    if req.method == Some(RetrieveMethod::Llm) && state.service.config.llm.is_offline() {
+        return Err(ApiError::invalid(
+            "method",
+            "method `llm` needs an LLM provider (set llm.provider); this worker runs offline, use `rag`",
+        ));
+    }
+    if let (Some(since), Some(until)) = (req.since, req.until)
+        && since >= until
+    {
+        return Err(ApiError::invalid(
+            "since",
+            "since must be earlier than until",
+        ));
+    }
+    let input = RetrieveInput {
+        filter: ItemFilter {
+            agent_id: req.agent_id.clone(),
+            memory_types: req.memory_types.unwrap_or_default(),
+            since: req.since,
+            until: req.until,
+        },
+        user_id: req.user_id,
+        agent_id: req.agent_id,
+        query: query_text(req.query)?,
+        top_k,
+    };
+    Ok(Json(state.service.retrieve(input).await?.into()))
+}
+
+/// The user's categories with their summaries.
+#[utoipa::path(post, path = "/api/v3/memory/categories", tag = "memory",
+    request_body = ScopeRequest,
+    responses((status = 200, body = CategoriesResponse), (status = 422, body = super::error::ErrorBody)))]
+pub async fn categories(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<ScopeRequest>,
+) -> Result<Json<CategoriesResponse>, ApiError> {
+    let max = state.service.config.memory.max_id_len;
+    check_id("user_id", &req.user_id, max)?;
+    if let Some(agent) = &req.agent_id {
+        check_id("agent_id", agent, max)?;
+    }
+    let categories = state
+        .service
+        .categories(&Scope::new(req.user_id, req.agent_id))
+        .await?;
+    Ok(Json(CategoriesResponse {
+        categories: categories
+            .into_iter()
+            .map(|c| CategoryOut {
+                name: c.name,
+                description: c.description,
+                user_id: c.user_id,
+                agent_id: c.agent_id,
+                summary: c.summary,
+                updated_at: c.updated_at,
+            })
+            .collect(),
+    }))
+}
+
+/// Delete all memories of a user (or of one agent of the user).
+#[utoipa::path(post, path = "/clear", tag = "memory",
+    request_body = ScopeRequest,
+    responses((status = 200, body = ClearResponse), (status = 422, body = super::error::ErrorBody)))]
+pub async fn clear(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<ScopeRequest>,
+) -> Result<Json<ClearResponse>, ApiError> {
+    let max = state.service.config.memory.max_id_len;
+    check_id("user_id", &req.user_id, max)?;
+    if let Some(agent) = &req.agent_id {
+        check_id("agent_id", agent, max)?;
+    }
+    let deleted = state
+        .service
+        .delete_user(&req.user_id, req.agent_id.as_deref())
+        .await?;
+    Ok(Json(ClearResponse { deleted }))
+}

@@ -1,0 +1,181 @@
+//! HTTP layer: routes, middleware (metrics, limits, timeouts, panics), health and OpenAPI.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use memu_crds::worker::Role;
+
+use crate::metrics::HttpLabels;
+use crate::service::MemoryService;
+
+pub mod error;
+pub mod items;
+pub mod memu;
+
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<MemoryService>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "memU worker API", description = "Memorize conversations and retrieve what matters, per user."),
+    tags(
+        (name = "memory", description = "memU Cloud v3-compatible memorize / retrieve / categories"),
+        (name = "items", description = "Memory items of one user"),
+        (name = "users", description = "Erase and export a user's data"),
+        (name = "ops", description = "Health and readiness"),
+    )
+)]
+struct ApiDoc;
+
+/// The memory API routes with their OpenAPI description.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(memu::memorize))
+        .routes(routes!(memu::memorize_status))
+        .routes(routes!(memu::retrieve))
+        .routes(routes!(memu::categories))
+        .routes(routes!(memu::clear))
+        .routes(routes!(items::list, items::create))
+        .routes(routes!(items::get, items::update, items::delete))
+        .routes(routes!(items::delete_user))
+        .routes(routes!(items::export))
+}
+
+/// The OpenAPI document of the API (also served at `/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut doc) = api_routes()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .split_for_parts();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+/// The full router for a role: the memory API for `api`/`all`, and health + metrics always.
+pub fn router(service: Arc<MemoryService>, role: Role, with_ops: bool) -> Router {
+    let config = service.config.clone();
+    let state = AppState { service };
+    let mut app = Router::new();
+    if role.serves_api() {
+        let (api, _) = api_routes().split_for_parts();
+        app = app
+            .merge(api)
+            // memU-server paths, scoped by user_id like the v3 ones.
+            .route("/memorize", post(memu::memorize))
+            .route("/memorize/status/{task_id}", get(memu::memorize_status))
+            .route("/retrieve", post(memu::retrieve))
+            .route("/categories", post(memu::categories))
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()));
+    }
+    if with_ops {
+        app = app.merge(ops_router());
+    }
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(config.server.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(config.server.request_timeout_secs),
+        ))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(state.clone(), track_http))
+        .with_state(state)
+}
+
+/// Health, readiness and metrics; served beside the API or on `server.metrics_listen`.
+pub fn ops_router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+async fn track_http(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let response = next.run(req).await;
+    state.service.metrics.observe_http(
+        HttpLabels {
+            method,
+            route,
+            status: response.status().as_u16(),
+        },
+        started.elapsed(),
+    );
+    response
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the server hit an unexpected error",
+    )
+    .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200)))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// The database is reachable, migrations are applied and the embedding space matches.
+#[utoipa::path(get, path = "/readyz", tag = "ops", responses((status = 200), (status = 503)))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.service.store.check_ready().await {
+        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not_ready", "reason": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let service = &state.service;
+    service.metrics.set_pool_stats(&service.store.pool_stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        service.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,14 @@
+//! memU worker: the data plane of memU on Kubernetes.
+//!
+//! Layers, outermost first: `api` (HTTP), `service` (memory operations), `pipeline` (memorize
+//! jobs), `store` (SQLite or Postgres + pgvector) and `providers` (embeddings and LLMs).
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod providers;
+pub mod server;
+pub mod service;
+pub mod store;

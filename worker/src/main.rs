@@ -1,0 +1,125 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use memu_crds::worker::{LogFormat, Role};
+use memu_worker::{config, server};
+
+/// memU worker: the memory service (HTTP API and memorize pipeline).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// YAML configuration file; `MEMU_*` environment variables override it.
+    #[arg(long, short, env = "MEMU_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API and/or run the memorize pipeline.
+    Serve {
+        /// Overrides `role` of the configuration.
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+    },
+    /// Apply database migrations and create the vector schema, then exit.
+    Migrate,
+    /// Print the effective configuration (defaults + file + environment) as YAML.
+    Config,
+    /// Print the OpenAPI document as JSON.
+    Openapi,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Api,
+    Pipeline,
+    All,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Api => Role::Api,
+            RoleArg::Pipeline => Role::Pipeline,
+            RoleArg::All => Role::All,
+        }
+    }
+}
+
+fn init_logging(cfg: &memu_crds::worker::LoggingConfig) {
+    let filter =
+        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&cfg.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Config => {
+            print!("{}", serde_norway::to_string(&cfg)?);
+            return Ok(());
+        }
+        Command::Openapi => {
+            println!("{}", memu_worker::api::openapi().to_pretty_json()?);
+            return Ok(());
+        }
+        _ => {}
+    }
+    init_logging(&cfg.logging);
+    server::install_crypto_provider();
+    match cli.command {
+        Command::Migrate => {
+            server::build_service(cfg, true).await?;
+            tracing::info!("migrations applied");
+        }
+        Command::Serve { role } => {
+            if let Some(role) = role {
+                cfg.role = role.into();
+            }
+            let listener = TcpListener::bind(&cfg.server.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+            let metrics_listener = match &cfg.server.metrics_listen {
+                Some(addr) => Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?,
+                ),
+                None => None,
+            };
+            let migrate = cfg.database.auto_migrate;
+            let service = server::build_service(cfg, migrate).await?;
+            server::serve(
+                service,
+                listener,
+                metrics_listener,
+                server::shutdown_signal(),
+            )
+            .await?;
+            tracing::info!("stopped cleanly");
+        }
+        Command::Config | Command::Openapi => unreachable!("handled above"),
+    }
+    Ok(())
+}

@@ -1,0 +1,470 @@
+//! OpenAI-compatible HTTP client (chat completions and embeddings), shared by every remote preset.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::try_join_all;
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use memu_crds::worker::{ProviderPreset, ProviderProfile};
+
+use super::{ChatModel, ChatRequest, ChatResponse, Embedder, ProviderError, ResponseFormat, Usage};
+use crate::config::read_secret_string;
+use crate::metrics::{Metrics, ModelLabels, ModelOutcomeLabels, TokenLabels};
+use crate::model::normalize;
+
+/// Longest wait between retries, whatever `Retry-After` asks for.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    name: String,
+    preset: ProviderPreset,
+    base_url: String,
+    api_key: Option<SecretString>,
+    api_key_env: String,
+    chat_model: String,
+    embed_model: String,
+    embed_dimensions: Option<usize>,
+    expected_dimension: Option<usize>,
+    batch_size: usize,
+    max_retries: u32,
+    slots: Semaphore,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingResponse {
+    data: Vec<EmbeddingDatum>,
+    #[serde(default)]
+    usage: Option<EmbeddingUsage>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingDatum {
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingUsage {
+    #[serde(default)]
+    total_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct ChatCompletion {
+    choices: Vec<ChatChoice>,
+    #[serde(default)]
+    usage: Option<ChatUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChatChoice {
+    message: ChatChoiceMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+impl OpenAiClient {
+    pub fn new(
+        name: &str,
+        profile: &ProviderProfile,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let api_key_env = profile.api_key_env();
+        let api_key = read_secret_string(&api_key_env, profile.api_key_file.as_deref())?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(profile.timeout_secs))
+            .connect_timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self {
+            http,
+            name: name.to_string(),
+            preset: profile.preset,
+            base_url: profile.base_url(),
+            api_key,
+            api_key_env,
+            chat_model: profile.chat_model().unwrap_or_default(),
+            embed_model: profile.embed_model().unwrap_or_default(),
+            embed_dimensions: profile.embed_dimensions,
+            expected_dimension: None,
+            batch_size: profile.embed_batch_size,
+            max_retries: profile.max_retries,
+            slots: Semaphore::new(profile.max_concurrency),
+            metrics,
+        })
+    }
+
+    /// Checks the profile can embed and remembers the dimension every answer must have.
+    pub fn for_embeddings(mut self, dimension: usize) -> anyhow::Result<Self> {
+        if self.embed_model.is_empty() {
+            anyhow::bail!(
+                "provider profile `{}` has no embedding model: set providers.{}.embed_model",
+                self.name,
+                self.name
+            );
+        }
+        self.expected_dimension = Some(dimension);
+        Ok(self)
+    }
+
+    /// POSTs JSON with retries on 429/5xx/timeouts (exponential backoff with jitter, honouring
+    /// `Retry-After`). The API key goes only into the Authorization header.
+    async fn post(&self, path: &str, body: &Value) -> Result<Value, ProviderError> {
+        let url = format!("{}{}", self.base_url, path);
+        let mut attempt = 0;
+        loop {
+            let result = self.post_once(&url, body).await;
+            match result {
+                Err(err) if err.is_retryable() && attempt < self.max_retries => {
+                    let wait = backoff(attempt, &err);
+                    tracing::warn!(provider = %self.name, attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying provider request");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn post_once(&self, url: &str, body: &Value) -> Result<Value, ProviderError> {
+        let _slot = self.slots.acquire().await.expect("semaphore never closed");
+        let mut request = self.http.post(url).json(body);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key.expose_secret());
+        }
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(Duration::from_secs_f64);
+            let text = response.text().await.unwrap_or_default();
+            return Err(ProviderError::Http {
+                provider: self.name.clone(),
+                status: status.as_u16(),
+                message: error_message(&text),
+                retry_after,
+            });
+        }
+        response
+            .json::<Value>()
+            .await
+            .map_err(|e| ProviderError::Decode {
+                provider: self.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> ProviderError {
+        if e.is_timeout() {
+            ProviderError::Timeout {
+                provider: self.name.clone(),
+            }
+        } else {
+            ProviderError::Connect {
+                provider: self.name.clone(),
+                message: e.to_string(),
+            }
+        }
+    }
+
+    fn require_key(&self) -> Result<(), ProviderError> {
+        if self.api_key.is_none() && !self.base_url.starts_with("http://") {
+            return Err(ProviderError::Config(format!(
+                "provider profile `{}` has no API key: set {} (or providers.{}.api_key_file)",
+                self.name, self.api_key_env, self.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn embed_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ProviderError> {
+        let mut body = json!({ "model": self.embed_model, "input": texts });
+        if let Some(dims) = self.embed_dimensions {
+            body["dimensions"] = json!(dims);
+        }
+        if self.preset != ProviderPreset::Voyage {
+            body["encoding_format"] = json!("float");
+        }
+        let labels = ModelLabels {
+            provider: self.name.clone(),
+            model: self.embed_model.clone(),
+        };
+        let started = Instant::now();
+        let result = self.post("/embeddings", &body).await.and_then(|v| {
+            serde_json::from_value::<EmbeddingResponse>(v).map_err(|e| ProviderError::Decode {
+                provider: self.name.clone(),
+                message: e.to_string(),
+            })
+        });
+        self.metrics
+            .embedding_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        self.count(&self.metrics.embedding_requests, &self.embed_model, &result);
+        let response = result?;
+        if response.data.len() != texts.len() {
+            return Err(ProviderError::Decode {
+                provider: self.name.clone(),
+                message: format!(
+                    "sent {} texts, got {} embeddings",
+                    texts.len(),
+                    response.data.len()
+                ),
+            });
+        }
+        self.metrics
+            .embedding_texts
+            .get_or_create(&labels)
+            .inc_by(texts.len() as u64);
+        if let Some(usage) = response.usage {
+            self.metrics
+                .embedding_tokens
+                .get_or_create(&labels)
+                .inc_by(usage.total_tokens);
+        }
+        let mut data = response.data;
+        data.sort_by_key(|d| d.index.unwrap_or(0));
+        let mut out = Vec::with_capacity(data.len());
+        for datum in data {
+            let mut v = datum.embedding;
+            if let Some(dim) = self.expected_dimension
+                && v.len() != dim
+            {
+                return Err(ProviderError::Config(format!(
+                    "model `{}` of provider `{}` returns {}-dimensional embeddings but vector.dimension is {dim}",
+                    self.embed_model,
+                    self.name,
+                    v.len()
+                )));
+            }
+            normalize(&mut v);
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn count<T>(
+        &self,
+        family: &prometheus_client::metrics::family::Family<
+            ModelOutcomeLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+        model: &str,
+        result: &Result<T, ProviderError>,
+    ) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        family
+            .get_or_create(&ModelOutcomeLabels {
+                provider: self.name.clone(),
+                model: model.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Wait before retry `attempt` (0-based): the server's `Retry-After` if given, else 0.5 s × 2^n
+/// with ±50 % jitter so that many workers do not retry in lockstep.
+fn backoff(attempt: u32, err: &ProviderError) -> Duration {
+    if let ProviderError::Http {
+        retry_after: Some(wait),
+        ..
+    } = err
+    {
+        return (*wait).min(MAX_BACKOFF);
+    }
+    let base = 0.5 * 2f64.powi(attempt as i32);
+    let jitter = rand::rng().random_range(0.5..1.5);
+    Duration::from_secs_f64((base * jitter).min(MAX_BACKOFF.as_secs_f64()))
+}
+
+/// The `error.message` of an OpenAI-style error body, else the body itself (shortened).
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("message"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| body.chars().take(300).collect())
+}
+
+#[async_trait]
+impl Embedder for OpenAiClient {
+    fn provider(&self) -> &str {
+        &self.name
+    }
+
+    fn model(&self) -> &str {
+        &self.embed_model
+    }
+
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ProviderError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.require_key()?;
+        let batches = texts
+            .chunks(self.batch_size)
+            .map(|chunk| self.embed_batch(chunk));
+        Ok(try_join_all(batches).await?.into_iter().flatten().collect())
+    }
+}
+
+#[async_trait]
+impl ChatModel for OpenAiClient {
+    fn provider(&self) -> &str {
+        &self.name
+    }
+
+    fn model(&self) -> &str {
+        &self.chat_model
+    }
+
+    async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ProviderError> {
+        self.require_key()?;
+        if self.chat_model.is_empty() {
+            return Err(ProviderError::Config(format!(
+                "provider profile `{}` has no chat model: set providers.{}.chat_model",
+                self.name, self.name
+            )));
+        }
+        let mut body = json!({ "model": self.chat_model, "messages": request.messages });
+        if let Some(t) = request.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(m) = request.max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        match &request.response_format {
+            ResponseFormat::Text => {}
+            ResponseFormat::JsonObject => body["response_format"] = json!({"type": "json_object"}),
+            ResponseFormat::JsonSchema { name, schema } => {
+                body["response_format"] = json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": name, "schema": schema, "strict": true}
+                })
+            }
+        }
+        let labels = ModelLabels {
+            provider: self.name.clone(),
+            model: self.chat_model.clone(),
+        };
+        let started = Instant::now();
+        let result = self.post("/chat/completions", &body).await.and_then(|v| {
+            serde_json::from_value::<ChatCompletion>(v).map_err(|e| ProviderError::Decode {
+                provider: self.name.clone(),
+                message: e.to_string(),
+            })
+        });
+        self.metrics
+            .llm_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        self.count(&self.metrics.llm_requests, &self.chat_model, &result);
+        let completion = result?;
+        let usage = completion
+            .usage
+            .map(|u| Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            })
+            .unwrap_or_default();
+        for (kind, n) in [
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            self.metrics
+                .llm_tokens
+                .get_or_create(&TokenLabels {
+                    provider: self.name.clone(),
+                    model: self.chat_model.clone(),
+                    kind: kind.to_string(),
+                })
+                .inc_by(n);
+        }
+        let choice =
+            completion
+                .choices
+                .into_iter()
+                .next()
+                .ok_or_else(|| ProviderError::Decode {
+                    provider: self.name.clone(),
+                    message: "no choices in the completion".into(),
+                })?;
+        Ok(ChatResponse {
+            content: choice.message.content.unwrap_or_default(),
+            usage,
+            finish_reason: choice.finish_reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_honours_retry_after_and_caps() {
+        let err = ProviderError::Http {
+            provider: "p".into(),
+            status: 429,
+            message: String::new(),
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert_eq!(backoff(0, &err), Duration::from_secs(2));
+        let err = ProviderError::Http {
+            provider: "p".into(),
+            status: 429,
+            message: String::new(),
+            retry_after: Some(Duration::from_secs(3600)),
+        };
+        assert_eq!(backoff(0, &err), MAX_BACKOFF);
+        let timeout = ProviderError::Timeout {
+            provider: "p".into(),
+        };
+        let first = backoff(0, &timeout);
+        assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(750));
+        assert!(backoff(20, &timeout) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn error_bodies_are_summarised() {
+        assert_eq!(
+            error_message(r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#),
+            "Rate limit reached"
+        );
+        assert_eq!(error_message("plain failure"), "plain failure");
+    }
+}

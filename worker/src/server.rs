@@ -1,0 +1,136 @@
+//! Process wiring: build the providers, store and service from the configuration, then serve
+//! the role's listeners and pipeline until SIGTERM, draining in-flight work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use memu_crds::worker::WorkerConfig;
+
+use crate::api;
+use crate::metrics::Metrics;
+use crate::pipeline;
+use crate::providers::build_embedder;
+use crate::service::{MemoryService, embedding_space};
+use crate::store;
+
+/// Installs the process-wide rustls crypto provider (ring) once; reqwest and sqlx use it.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Builds the service: embedder, store (migrated when `auto_migrate`), metrics.
+pub async fn build_service(
+    config: WorkerConfig,
+    migrate: bool,
+) -> anyhow::Result<Arc<MemoryService>> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let embedder = build_embedder(&config, metrics.clone())?;
+    let space = embedding_space(&config, embedder.as_ref());
+    let store = store::open(&config, space).await?;
+    if migrate {
+        store.migrate().await.context("database migration failed")?;
+    }
+    Ok(Arc::new(MemoryService::new(
+        config, store, embedder, metrics,
+    )))
+}
+
+/// A future that resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Serves until `stop` resolves: HTTP listeners stop accepting and finish in-flight requests,
+/// the pipeline finishes its current jobs; then returns.
+pub async fn serve(
+    service: Arc<MemoryService>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = service.config.clone();
+    let role = config.role;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        stop.await;
+        tracing::info!("shutdown requested: draining");
+        let _ = stop_tx.send(true);
+    });
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let app = api::router(service.clone(), role, metrics_listener.is_none());
+    tracing::info!(addr = %listener.local_addr()?, %role, backend = service.store.backend(), "serving");
+    tasks.spawn({
+        let rx = stop_rx.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(wait_stop(rx))
+                .await
+                .context("HTTP server failed")
+        }
+    });
+    if let Some(listener) = metrics_listener {
+        let ops = api::ops_router().with_state(api::AppState {
+            service: service.clone(),
+        });
+        tracing::info!(addr = %listener.local_addr()?, "serving health and metrics");
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, ops)
+                .with_graceful_shutdown(wait_stop(rx))
+                .await
+                .context("metrics server failed")
+        });
+    }
+    if role.runs_pipeline() {
+        let service = service.clone();
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            pipeline::run(service, rx).await;
+            Ok(())
+        });
+    }
+    // Drain within the grace period once asked to stop.
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let mut stopped = stop_rx.clone();
+    let drain = async {
+        while let Some(result) = tasks.join_next().await {
+            result.context("server task panicked")??;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::pin!(drain);
+    tokio::select! {
+        result = &mut drain => return result,
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    match tokio::time::timeout(grace, drain).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!("in-flight work did not finish within {}s", grace.as_secs()),
+    }
+}

@@ -1,0 +1,227 @@
+//! Storage layer: one narrow trait, implemented by the embedded SQLite store and the
+//! Postgres + pgvector store (which is also the Citus data path: every key includes `user_id`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use memu_crds::worker::{CategorySpec, DatabaseBackend, WorkerConfig};
+
+use crate::model::{
+    Category, DeletedCounts, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
+    NewItem, Page, Resource, Scope, ScoredItem, Task,
+};
+
+pub mod postgres;
+pub mod sqlite;
+mod vector_index;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database does not fit this worker (dimension, model, schema version); says how to fix.
+    #[error("{0}")]
+    Incompatible(String),
+    #[error("database not ready: {0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Connection pool figures for the metrics endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// `primary` or `replica`.
+    pub pool: &'static str,
+    pub in_use: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
+/// Embedding space the stored vectors belong to; checked on start-up so that a worker with a
+/// different model never mixes incomparable vectors into one index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmbeddingSpace {
+    pub dimension: usize,
+    pub model: String,
+}
+
+/// All of one user's data, for GDPR export.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct UserExport {
+    pub user_id: String,
+    pub exported_at: DateTime<Utc>,
+    #[schema(value_type = Vec<Object>)]
+    pub resources: Vec<serde_json::Value>,
+    #[schema(value_type = Vec<Object>)]
+    pub memory_items: Vec<serde_json::Value>,
+    #[schema(value_type = Vec<Object>)]
+    pub categories: Vec<serde_json::Value>,
+    #[schema(value_type = Vec<Object>)]
+    pub category_items: Vec<serde_json::Value>,
+    #[schema(value_type = Vec<Object>)]
+    pub tasks: Vec<serde_json::Value>,
+}
+
+#[async_trait]
+pub trait MemoryStore: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+
+    /// Applies pending migrations and creates the vector columns and indexes for the space.
+    async fn migrate(&self) -> Result<(), StoreError>;
+    /// Database reachable, migrations applied, embedding space as configured.
+    async fn check_ready(&self) -> Result<(), StoreError>;
+    fn pool_stats(&self) -> Vec<PoolStats>;
+
+    /// Stores the resource and its PENDING task atomically (and the user, if new).
+    async fn enqueue_memorize(
+        &self,
+        resource: &Resource,
+        task: &Task,
+        user_name: Option<&str>,
+    ) -> Result<(), StoreError>;
+    /// Takes the oldest runnable task (PENDING, or PROCESSING with an expired lease).
+    async fn claim_task(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Option<(Task, Resource)>, StoreError>;
+    /// Extends the lease of a task this worker holds.
+    async fn heartbeat_task(
+        &self,
+        task_id: Uuid,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<(), StoreError>;
+    /// Writes the job's results and marks the task SUCCESS, in one transaction.
+    async fn complete_task(&self, task: &Task, outcome: MemorizeOutcome) -> Result<(), StoreError>;
+    /// Records a failure: back to PENDING when `retry`, else FAILED for good.
+    async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError>;
+    async fn get_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError>;
+
+    /// Creates the scope's missing categories (embeddings given) and returns all of them.
+    async fn ensure_categories(
+        &self,
+        scope: &Scope,
+        specs: &[(CategorySpec, Vec<f32>)],
+    ) -> Result<Vec<Category>, StoreError>;
+    async fn list_categories(&self, scope: &Scope) -> Result<Vec<Category>, StoreError>;
+    /// Newest items of a category, for summaries.
+    async fn category_items(
+        &self,
+        user_id: &str,
+        category_id: Uuid,
+        limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError>;
+
+    /// The `k` items of the user nearest to `query` (unit-length) that pass the filter.
+    async fn search_items(
+        &self,
+        user_id: &str,
+        query: &[f32],
+        filter: &ItemFilter,
+        k: usize,
+    ) -> Result<Vec<ScoredItem>, StoreError>;
+    /// Newest first; `cursor` comes from the previous page.
+    async fn list_items(
+        &self,
+        user_id: &str,
+        filter: &ItemFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<MemoryItem>, StoreError>;
+    async fn get_item(&self, user_id: &str, id: Uuid) -> Result<Option<MemoryItem>, StoreError>;
+    /// Inserts one item (creating the user if new).
+    async fn insert_item(&self, item: &NewItem) -> Result<(), StoreError>;
+    async fn update_item(
+        &self,
+        user_id: &str,
+        id: Uuid,
+        patch: &ItemPatch,
+    ) -> Result<Option<MemoryItem>, StoreError>;
+    async fn delete_item(&self, user_id: &str, id: Uuid) -> Result<bool, StoreError>;
+    /// Id of an item of the scope with exactly this type and text, if any (cheap dedupe).
+    async fn find_identical_item(
+        &self,
+        scope: &Scope,
+        memory_type: MemoryType,
+        summary: &str,
+    ) -> Result<Option<Uuid>, StoreError>;
+    async fn get_resources(&self, user_id: &str, ids: &[Uuid])
+    -> Result<Vec<Resource>, StoreError>;
+
+    /// Removes every row of the user (or of one agent of the user).
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        agent_id: Option<&str>,
+    ) -> Result<DeletedCounts, StoreError>;
+    async fn export_user(&self, user_id: &str) -> Result<UserExport, StoreError>;
+}
+
+/// Opens the configured store. `space` is the embedding space of the configured model.
+pub async fn open(
+    config: &WorkerConfig,
+    space: EmbeddingSpace,
+) -> anyhow::Result<Arc<dyn MemoryStore>> {
+    Ok(match config.database.backend {
+        DatabaseBackend::Sqlite => Arc::new(sqlite::SqliteStore::open(config, space).await?),
+        DatabaseBackend::Postgres => Arc::new(postgres::PgStore::open(config, space).await?),
+    })
+}
+
+/// Paging cursor: the (created_at, id) of the last row of the previous page.
+pub(crate) fn encode_cursor(created_at: DateTime<Utc>, id: Uuid) -> String {
+    format!("{}_{}", created_at.timestamp_micros(), id.simple())
+}
+
+pub(crate) fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), StoreError> {
+    let bad = || StoreError::Invalid("cursor is not one this service returned".into());
+    let (micros, id) = cursor.split_once('_').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let at = DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
+}
+
+/// Mismatch message shared by both stores.
+pub(crate) fn check_space(
+    stored: &EmbeddingSpace,
+    wanted: &EmbeddingSpace,
+) -> Result<(), StoreError> {
+    if stored.dimension != wanted.dimension {
+        return Err(StoreError::Incompatible(format!(
+            "the database holds {}-dimensional embeddings but vector.dimension is {}: \
+             set vector.dimension to {} or point the worker at a new database",
+            stored.dimension, wanted.dimension, stored.dimension
+        )));
+    }
+    if stored.model != wanted.model {
+        return Err(StoreError::Incompatible(format!(
+            "the database holds embeddings of model `{}` but the configured model is `{}`: \
+             their vectors are not comparable; use the same model or a new database",
+            stored.model, wanted.model
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips_and_rejects_garbage() {
+        let at = DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap();
+        let id = Uuid::new_v4();
+        assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
+        assert!(decode_cursor("nope").is_err());
+        assert!(decode_cursor("12_notauuid").is_err());
+    }
+}

@@ -1,0 +1,886 @@
+//! PostgreSQL + pgvector store: HNSW (cosine) index with iterative scans so that per-user
+//! filtering keeps recall, an optional read replica for searches and listings, and a job queue
+//! claimed with `FOR UPDATE SKIP LOCKED`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use pgvector::Vector;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use memu_crds::worker::{CategorySpec, VectorConfig, WorkerConfig};
+
+use super::{
+    EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
+    encode_cursor,
+};
+use crate::config::read_secret;
+use crate::model::{
+    Category, DeletedCounts, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
+    Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Serialises schema changes of concurrent workers (an arbitrary, fixed key).
+const SCHEMA_LOCK_KEY: i64 = 0x6d656d75_5f736368;
+
+pub struct PgStore {
+    primary: PgPool,
+    replica: Option<PgPool>,
+    space: EmbeddingSpace,
+    vector: VectorConfig,
+    max_connections: u32,
+}
+
+fn item_from_row(row: &PgRow) -> Result<MemoryItem, StoreError> {
+    let memory_type: String = row.try_get("memory_type")?;
+    Ok(MemoryItem {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        resource_id: row.try_get("resource_id")?,
+        memory_type: MemoryType::parse(&memory_type)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown memory_type {memory_type}")))?,
+        summary: row.try_get("summary")?,
+        happened_at: row.try_get("happened_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        extra: row.try_get("extra")?,
+    })
+}
+
+fn category_from_row(row: &PgRow) -> Result<Category, StoreError> {
+    let embedding: Option<Vector> = row.try_get("embedding")?;
+    Ok(Category {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        summary: row.try_get("summary")?,
+        embedding: embedding.map(|v| v.to_vec()).unwrap_or_default(),
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn task_from_row(row: &PgRow) -> Result<Task, StoreError> {
+    let status: String = row.try_get("status")?;
+    Ok(Task {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        resource_id: row.try_get("resource_id")?,
+        status: TaskStatus::parse(&status)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown task status {status}")))?,
+        attempts: row.try_get::<i32, _>("attempts")? as u32,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+    })
+}
+
+fn resource_from_row(row: &PgRow) -> Result<Resource, StoreError> {
+    let modality: String = row.try_get("modality")?;
+    Ok(Resource {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        modality: Modality::parse(&modality)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown modality {modality}")))?,
+        content_hash: row.try_get("content_hash")?,
+        content: row.try_get("content")?,
+        caption: row.try_get("caption")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+const ITEM_COLUMNS: &str = "user_id, id, agent_id, resource_id, memory_type, summary, happened_at, \
+                            created_at, updated_at, extra";
+
+fn agent_scoped(table: &str, agent_id: Option<&str>) -> String {
+    match agent_id {
+        Some(_) => format!("DELETE FROM {table} WHERE user_id = $1 AND agent_id = $2"),
+        None => format!("DELETE FROM {table} WHERE user_id = $1"),
+    }
+}
+
+async fn connect(dsn: &str, config: &WorkerConfig, what: &str) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = dsn
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the {what} DSN is not a valid postgres:// URL: {e}"))?;
+    PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .min_connections(config.database.min_connections)
+        .acquire_timeout(Duration::from_secs(config.database.acquire_timeout_secs))
+        .connect_with(options.application_name("memu-worker"))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the {what} database: {e}"))
+}
+
+impl PgStore {
+    pub async fn open(config: &WorkerConfig, space: EmbeddingSpace) -> anyhow::Result<Self> {
+        let db = &config.database;
+        let dsn = read_secret(&db.url_env, db.url_file.as_deref())?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "database.backend is postgres but no DSN is set: export {} or set database.url_file",
+                db.url_env
+            )
+        })?;
+        let primary = connect(&dsn, config, "primary").await?;
+        let replica = match read_secret(&db.read_url_env, db.read_url_file.as_deref())? {
+            Some(dsn) => Some(connect(&dsn, config, "read replica").await?),
+            None => None,
+        };
+        Ok(Self {
+            primary,
+            replica,
+            space,
+            vector: config.vector.clone(),
+            max_connections: db.max_connections,
+        })
+    }
+
+    /// Pool for reads that may lag slightly (search, list).
+    fn reader(&self) -> &PgPool {
+        self.replica.as_ref().unwrap_or(&self.primary)
+    }
+
+    /// The dimension of `memory_items.embedding`, if the column exists.
+    async fn column_dimension(
+        conn: &mut sqlx::PgConnection,
+        table: &str,
+    ) -> Result<Option<usize>, StoreError> {
+        let typmod: Option<(i32,)> = sqlx::query_as(
+            "SELECT atttypmod FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname = 'embedding' AND NOT attisdropped",
+        )
+        .bind(table)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(typmod.map(|(t,)| t.max(0) as usize))
+    }
+
+    async fn stored_space(&self) -> Result<Option<EmbeddingSpace>, StoreError> {
+        let mut conn = self.primary.acquire().await?;
+        let Some(dimension) = Self::column_dimension(&mut conn, "memory_items").await? else {
+            return Ok(None);
+        };
+        let model: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM memu_meta WHERE key = 'embedding_model'")
+                .fetch_optional(&mut *conn)
+                .await?;
+        Ok(model.map(|(model,)| EmbeddingSpace { dimension, model }))
+    }
+
+    /// Creates the embedding columns for the configured dimension and the HNSW index.
+    async fn ensure_vector_schema(&self) -> Result<(), StoreError> {
+        let mut tx = self.primary.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SCHEMA_LOCK_KEY)
+            .execute(&mut *tx)
+            .await?;
+        let dim = self.space.dimension;
+        match Self::column_dimension(&mut tx, "memory_items").await? {
+            Some(_) => {}
+            None => {
+                // DDL cannot take bind parameters; `dim` is a validated integer.
+                sqlx::query(AssertSqlSafe(format!(
+                    "ALTER TABLE memory_items ADD COLUMN embedding vector({dim})"
+                )))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "ALTER TABLE memory_categories ADD COLUMN embedding vector({dim})"
+                )))
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("INSERT INTO memu_meta (key, value) VALUES ('embedding_model', $1) ON CONFLICT (key) DO NOTHING")
+                    .bind(&self.space.model)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        // HNSW indexes up to 2000 dimensions for `vector`.
+        if dim <= 2000 {
+            sqlx::query(AssertSqlSafe(format!(
+                "CREATE INDEX IF NOT EXISTS idx_memory_embedding ON memory_items \
+                 USING hnsw (embedding vector_cosine_ops) WITH (m = {}, ef_construction = {})",
+                self.vector.hnsw_m, self.vector.hnsw_ef_construction
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_items_tx(
+        tx: &mut sqlx::PgConnection,
+        items: &[NewItem],
+    ) -> Result<(), StoreError> {
+        for new in items {
+            let item = &new.item;
+            sqlx::query(
+                "INSERT INTO memory_items (user_id, id, agent_id, resource_id, memory_type, summary, \
+                 happened_at, created_at, updated_at, extra, embedding) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(&item.user_id)
+            .bind(item.id)
+            .bind(&item.agent_id)
+            .bind(item.resource_id)
+            .bind(item.memory_type.as_str())
+            .bind(&item.summary)
+            .bind(item.happened_at)
+            .bind(item.created_at)
+            .bind(item.updated_at)
+            .bind(&item.extra)
+            .bind(Vector::from(new.embedding.clone()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn upsert_user(
+        tx: &mut sqlx::PgConnection,
+        user_id: &str,
+        user_name: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO users (user_id, user_name) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO UPDATE SET user_name = COALESCE(EXCLUDED.user_name, users.user_name)",
+        )
+        .bind(user_id)
+        .bind(user_name)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    fn push_filter(qb: &mut QueryBuilder<Postgres>, filter: &ItemFilter) {
+        if let Some(agent) = &filter.agent_id {
+            qb.push(" AND agent_id = ").push_bind(agent.clone());
+        }
+        if !filter.memory_types.is_empty() {
+            let types: Vec<String> = filter
+                .memory_types
+                .iter()
+                .map(|t| t.as_str().to_string())
+                .collect();
+            qb.push(" AND memory_type = ANY(")
+                .push_bind(types)
+                .push(")");
+        }
+        if let Some(since) = filter.since {
+            qb.push(" AND COALESCE(happened_at, created_at) >= ")
+                .push_bind(since);
+        }
+        if let Some(until) = filter.until {
+            qb.push(" AND COALESCE(happened_at, created_at) < ")
+                .push_bind(until);
+        }
+    }
+
+    async fn rows_as_json(
+        &self,
+        sql: &str,
+        user_id: &str,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows: Vec<(serde_json::Value,)> = sqlx::query_as(AssertSqlSafe(sql.to_string()))
+            .bind(user_id)
+            .fetch_all(&self.primary)
+            .await?;
+        Ok(rows.into_iter().map(|(v,)| v).collect())
+    }
+
+    /// The query plan of a search, for tests that check the HNSW index is used.
+    pub async fn explain_search(
+        &self,
+        user_id: &str,
+        query: &[f32],
+        k: usize,
+    ) -> Result<String, StoreError> {
+        let mut tx = self.reader().begin().await?;
+        self.set_search_params(&mut tx).await?;
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "EXPLAIN SELECT id FROM memory_items WHERE user_id = $1 ORDER BY embedding <=> $2 LIMIT $3",
+        )
+        .bind(user_id)
+        .bind(Vector::from(query.to_vec()))
+        .bind(k as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(l,)| l)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    async fn set_search_params(&self, tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+        sqlx::query(
+            "SELECT set_config('hnsw.ef_search', $1, true), set_config('hnsw.iterative_scan', $2, true), \
+             set_config('hnsw.max_scan_tuples', $3, true)",
+        )
+        .bind(self.vector.hnsw_ef_search.to_string())
+        .bind(self.vector.iterative_scan.as_pg_setting())
+        .bind(self.vector.max_scan_tuples.to_string())
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MemoryStore for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.primary).await?;
+        self.ensure_vector_schema().await?;
+        match self.stored_space().await? {
+            Some(stored) => check_space(&stored, &self.space),
+            None => Err(StoreError::NotReady(
+                "vector schema missing after migration".into(),
+            )),
+        }
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        let applied: Vec<(i64,)> =
+            sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.primary)
+                .await
+                .map_err(|_| StoreError::NotReady("migrations have not been applied".into()))?;
+        if let Some(missing) = MIGRATOR
+            .iter()
+            .find(|m| !applied.iter().any(|(v,)| *v == m.version))
+        {
+            return Err(StoreError::NotReady(format!(
+                "migration {} ({}) is not applied; run `memu-worker migrate`",
+                missing.version, missing.description
+            )));
+        }
+        if let Some(replica) = &self.replica {
+            sqlx::query("SELECT 1").execute(replica).await?;
+        }
+        match self.stored_space().await? {
+            Some(stored) => check_space(&stored, &self.space),
+            None => Err(StoreError::NotReady(
+                "vector columns missing; run `memu-worker migrate`".into(),
+            )),
+        }
+    }
+
+    fn pool_stats(&self) -> Vec<PoolStats> {
+        let stats = |name, pool: &PgPool| {
+            let size = pool.size();
+            let idle = pool.num_idle() as u32;
+            PoolStats {
+                pool: name,
+                in_use: size.saturating_sub(idle),
+                idle,
+                max: self.max_connections,
+            }
+        };
+        let mut out = vec![stats("primary", &self.primary)];
+        if let Some(replica) = &self.replica {
+            out.push(stats("replica", replica));
+        }
+        out
+    }
+
+    async fn enqueue_memorize(
+        &self,
+        resource: &Resource,
+        task: &Task,
+        user_name: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.primary.begin().await?;
+        Self::upsert_user(&mut tx, &resource.user_id, user_name).await?;
+        sqlx::query(
+            "INSERT INTO resources (user_id, id, agent_id, modality, content_hash, content, caption, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&resource.user_id)
+        .bind(resource.id)
+        .bind(&resource.agent_id)
+        .bind(resource.modality.as_str())
+        .bind(&resource.content_hash)
+        .bind(&resource.content)
+        .bind(&resource.caption)
+        .bind(resource.created_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO memorize_tasks (user_id, id, agent_id, resource_id, status, attempts, created_at) \
+             VALUES ($1, $2, $3, $4, $5, 0, $6)",
+        )
+        .bind(&task.user_id)
+        .bind(task.id)
+        .bind(&task.agent_id)
+        .bind(task.resource_id)
+        .bind(task.status.as_str())
+        .bind(task.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_task(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Option<(Task, Resource)>, StoreError> {
+        let lease_secs = lease.as_secs_f64();
+        // Oldest runnable job whose user has no job in flight: a user's jobs apply in order and
+        // never concurrently, different users in parallel. SKIP LOCKED lets workers race safely.
+        let row = sqlx::query(
+            "WITH next AS ( \
+                 SELECT t.user_id, t.id FROM memorize_tasks t \
+                 WHERE (t.status = 'PENDING' OR (t.status = 'PROCESSING' AND t.lease_until < now())) \
+                   AND NOT EXISTS (SELECT 1 FROM memorize_tasks o WHERE o.user_id = t.user_id \
+                       AND o.id <> t.id AND o.status = 'PROCESSING' AND o.lease_until >= now()) \
+                 ORDER BY t.created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             UPDATE memorize_tasks t SET status = 'PROCESSING', worker_id = $1, \
+                 lease_until = now() + make_interval(secs => $2), attempts = t.attempts + 1, \
+                 started_at = COALESCE(t.started_at, now()) \
+             FROM next WHERE t.user_id = next.user_id AND t.id = next.id RETURNING t.*",
+        )
+        .bind(worker_id)
+        .bind(lease_secs)
+        .fetch_optional(&self.primary)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let task = task_from_row(&row)?;
+        let resource = sqlx::query("SELECT * FROM resources WHERE user_id = $1 AND id = $2")
+            .bind(&task.user_id)
+            .bind(task.resource_id)
+            .fetch_one(&self.primary)
+            .await?;
+        Ok(Some((task, resource_from_row(&resource)?)))
+    }
+
+    async fn heartbeat_task(
+        &self,
+        task_id: Uuid,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE memorize_tasks SET lease_until = now() + make_interval(secs => $1) \
+             WHERE id = $2 AND worker_id = $3 AND status = 'PROCESSING'",
+        )
+        .bind(lease.as_secs_f64())
+        .bind(task_id)
+        .bind(worker_id)
+        .execute(&self.primary)
+        .await?;
+        Ok(())
+    }
+
+    async fn complete_task(&self, task: &Task, outcome: MemorizeOutcome) -> Result<(), StoreError> {
+        let mut tx = self.primary.begin().await?;
+        let done = sqlx::query(
+            "UPDATE memorize_tasks SET status = 'SUCCESS', completed_at = now(), error = NULL, lease_until = NULL \
+             WHERE user_id = $1 AND id = $2 AND status = 'PROCESSING'",
+        )
+        .bind(&task.user_id)
+        .bind(task.id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            // The task was deleted (user erased) while it ran: drop the results with it.
+            tx.rollback().await?;
+            return Ok(());
+        }
+        Self::insert_items_tx(&mut tx, &outcome.items).await?;
+        for link in &outcome.links {
+            sqlx::query(
+                "INSERT INTO category_items (user_id, memory_item_id, category_id, confidence) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(&task.user_id)
+            .bind(link.item_id)
+            .bind(link.category_id)
+            .bind(link.confidence)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for update in &outcome.category_updates {
+            sqlx::query(
+                "UPDATE memory_categories SET summary = $1, embedding = $2, updated_at = now() \
+                 WHERE user_id = $3 AND id = $4",
+            )
+            .bind(&update.summary)
+            .bind(Vector::from(update.embedding.clone()))
+            .bind(&task.user_id)
+            .bind(update.category_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(caption) = &outcome.resource_caption {
+            sqlx::query("UPDATE resources SET caption = $1 WHERE user_id = $2 AND id = $3")
+                .bind(caption)
+                .bind(&task.user_id)
+                .bind(task.resource_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE memorize_tasks SET status = $1, error = $2, lease_until = NULL, worker_id = NULL, \
+             completed_at = CASE WHEN $3 THEN NULL ELSE now() END WHERE user_id = $4 AND id = $5",
+        )
+        .bind(if retry { "PENDING" } else { "FAILED" })
+        .bind(error)
+        .bind(retry)
+        .bind(&task.user_id)
+        .bind(task.id)
+        .execute(&self.primary)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
+        sqlx::query("SELECT * FROM memorize_tasks WHERE id = $1")
+            .bind(task_id)
+            .fetch_optional(&self.primary)
+            .await?
+            .map(|r| task_from_row(&r))
+            .transpose()
+    }
+
+    async fn ensure_categories(
+        &self,
+        scope: &Scope,
+        specs: &[(CategorySpec, Vec<f32>)],
+    ) -> Result<Vec<Category>, StoreError> {
+        let mut tx = self.primary.begin().await?;
+        Self::upsert_user(&mut tx, &scope.user_id, None).await?;
+        for (i, (spec, embedding)) in specs.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO memory_categories (user_id, id, agent_id, name, description, summary, embedding, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, '', $6, now() + make_interval(secs => $7)) \
+                 ON CONFLICT (user_id, agent_id, name) DO NOTHING",
+            )
+            .bind(&scope.user_id)
+            .bind(Uuid::new_v4())
+            .bind(&scope.agent_id)
+            .bind(&spec.name)
+            .bind(&spec.description)
+            .bind(Vector::from(embedding.clone()))
+            .bind(i as f64 * 1e-6)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.list_categories(scope).await
+    }
+
+    async fn list_categories(&self, scope: &Scope) -> Result<Vec<Category>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM memory_categories WHERE user_id = $1 AND agent_id = $2 ORDER BY created_at, name",
+        )
+        .bind(&scope.user_id)
+        .bind(&scope.agent_id)
+        .fetch_all(&self.primary)
+        .await?
+        .iter()
+        .map(category_from_row)
+        .collect()
+    }
+
+    async fn category_items(
+        &self,
+        user_id: &str,
+        category_id: Uuid,
+        limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        sqlx::query(
+            "SELECT m.user_id, m.id, m.agent_id, m.resource_id, m.memory_type, m.summary, m.happened_at, \
+                    m.created_at, m.updated_at, m.extra \
+             FROM memory_items m JOIN category_items c ON c.user_id = m.user_id AND c.memory_item_id = m.id \
+             WHERE m.user_id = $1 AND c.category_id = $2 \
+             ORDER BY COALESCE(m.happened_at, m.created_at) DESC, m.id DESC LIMIT $3",
+        )
+        .bind(user_id)
+        .bind(category_id)
+        .bind(limit as i64)
+        .fetch_all(&self.primary)
+        .await?
+        .iter()
+        .map(item_from_row)
+        .collect()
+    }
+
+    async fn search_items(
+        &self,
+        user_id: &str,
+        query: &[f32],
+        filter: &ItemFilter,
+        k: usize,
+    ) -> Result<Vec<ScoredItem>, StoreError> {
+        if query.len() != self.space.dimension {
+            return Err(StoreError::Invalid(format!(
+                "query vector has {} dimensions, expected {}",
+                query.len(),
+                self.space.dimension
+            )));
+        }
+        let mut tx = self.reader().begin().await?;
+        self.set_search_params(&mut tx).await?;
+        // relaxed_order may return rows slightly out of order: re-sort the materialised hits.
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "WITH hits AS MATERIALIZED (SELECT {ITEM_COLUMNS}, embedding <=> "
+        ));
+        qb.push_bind(Vector::from(query.to_vec()))
+            .push(" AS distance FROM memory_items WHERE user_id = ")
+            .push_bind(user_id.to_string());
+        Self::push_filter(&mut qb, filter);
+        qb.push(" ORDER BY distance LIMIT ")
+            .push_bind(k as i64)
+            .push(") SELECT * FROM hits ORDER BY distance, id");
+        let rows = qb.build().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| {
+                let distance: f64 = row.try_get("distance")?;
+                Ok(ScoredItem {
+                    item: item_from_row(row)?,
+                    score: (1.0 - distance) as f32,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_items(
+        &self,
+        user_id: &str,
+        filter: &ItemFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<MemoryItem>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = "
+        ));
+        qb.push_bind(user_id.to_string());
+        Self::push_filter(&mut qb, filter);
+        if let Some(cursor) = cursor {
+            let (at, id): (DateTime<Utc>, Uuid) = decode_cursor(cursor)?;
+            qb.push(" AND (created_at, id) < (")
+                .push_bind(at)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(limit as i64 + 1);
+        let rows = qb.build().fetch_all(self.reader()).await?;
+        let mut items: Vec<MemoryItem> =
+            rows.iter().map(item_from_row).collect::<Result<_, _>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|i| encode_cursor(i.created_at, i.id))
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn get_item(&self, user_id: &str, id: Uuid) -> Result<Option<MemoryItem>, StoreError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = $1 AND id = $2"
+        )))
+        .bind(user_id)
+        .bind(id)
+        .fetch_optional(&self.primary)
+        .await?
+        .map(|r| item_from_row(&r))
+        .transpose()
+    }
+
+    async fn insert_item(&self, item: &NewItem) -> Result<(), StoreError> {
+        let mut tx = self.primary.begin().await?;
+        Self::upsert_user(&mut tx, &item.item.user_id, None).await?;
+        Self::insert_items_tx(&mut tx, std::slice::from_ref(item)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_item(
+        &self,
+        user_id: &str,
+        id: Uuid,
+        patch: &ItemPatch,
+    ) -> Result<Option<MemoryItem>, StoreError> {
+        let mut qb = QueryBuilder::<Postgres>::new("UPDATE memory_items SET updated_at = now()");
+        if let Some(summary) = &patch.summary {
+            qb.push(", summary = ").push_bind(summary.clone());
+        }
+        if let Some(embedding) = &patch.embedding {
+            qb.push(", embedding = ")
+                .push_bind(Vector::from(embedding.clone()));
+        }
+        if let Some(t) = patch.memory_type {
+            qb.push(", memory_type = ").push_bind(t.as_str());
+        }
+        if let Some(at) = patch.happened_at {
+            qb.push(", happened_at = ").push_bind(at);
+        }
+        if let Some(extra) = &patch.extra {
+            qb.push(", extra = ").push_bind(extra.clone());
+        }
+        qb.push(" WHERE user_id = ")
+            .push_bind(user_id.to_string())
+            .push(" AND id = ")
+            .push_bind(id)
+            .push(format!(" RETURNING {ITEM_COLUMNS}"));
+        qb.build()
+            .fetch_optional(&self.primary)
+            .await?
+            .map(|r| item_from_row(&r))
+            .transpose()
+    }
+
+    async fn delete_item(&self, user_id: &str, id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM memory_items WHERE user_id = $1 AND id = $2")
+            .bind(user_id)
+            .bind(id)
+            .execute(&self.primary)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn find_identical_item(
+        &self,
+        scope: &Scope,
+        memory_type: MemoryType,
+        summary: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let row: Option<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM memory_items WHERE user_id = $1 AND agent_id = $2 AND memory_type = $3 \
+             AND md5(summary) = md5($4) AND summary = $4 LIMIT 1",
+        )
+        .bind(&scope.user_id)
+        .bind(&scope.agent_id)
+        .bind(memory_type.as_str())
+        .bind(summary)
+        .fetch_optional(&self.primary)
+        .await?;
+        Ok(row.map(|(id,)| id))
+    }
+
+    async fn get_resources(
+        &self,
+        user_id: &str,
+        ids: &[Uuid],
+    ) -> Result<Vec<Resource>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "SELECT * FROM resources WHERE user_id = $1 AND id = ANY($2) ORDER BY created_at",
+        )
+        .bind(user_id)
+        .bind(ids)
+        .fetch_all(self.reader())
+        .await?
+        .iter()
+        .map(resource_from_row)
+        .collect()
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        agent_id: Option<&str>,
+    ) -> Result<DeletedCounts, StoreError> {
+        let mut tx = self.primary.begin().await?;
+        let mut counts = DeletedCounts::default();
+        // Children first, so the counts are exact whatever cascades exist.
+        let item_links = match agent_id {
+            Some(_) => "DELETE FROM category_items WHERE user_id = $1 AND memory_item_id IN \
+                        (SELECT id FROM memory_items WHERE user_id = $1 AND agent_id = $2)"
+                .to_string(),
+            None => "DELETE FROM category_items WHERE user_id = $1".to_string(),
+        };
+        let statements = [
+            (item_links, None),
+            (
+                agent_scoped("memory_items", agent_id),
+                Some(&mut counts.memory_items),
+            ),
+            (
+                agent_scoped("memory_categories", agent_id),
+                Some(&mut counts.categories),
+            ),
+            (
+                agent_scoped("memorize_tasks", agent_id),
+                Some(&mut counts.tasks),
+            ),
+            (
+                agent_scoped("resources", agent_id),
+                Some(&mut counts.resources),
+            ),
+        ];
+        for (sql, slot) in statements {
+            let mut query = sqlx::query(AssertSqlSafe(sql.clone())).bind(user_id);
+            if let Some(agent) = agent_id {
+                query = query.bind(agent);
+            }
+            let done = query.execute(&mut *tx).await?;
+            if let Some(slot) = slot {
+                *slot = done.rows_affected();
+            }
+        }
+        if agent_id.is_none() {
+            sqlx::query("DELETE FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(counts)
+    }
+
+    async fn export_user(&self, user_id: &str) -> Result<UserExport, StoreError> {
+        Ok(UserExport {
+            user_id: user_id.to_string(),
+            exported_at: Utc::now(),
+            resources: self.rows_as_json(
+                "SELECT jsonb_build_object('id', id, 'agent_id', agent_id, 'modality', modality, \
+                 'content_hash', content_hash, 'content', content, 'caption', caption, 'created_at', created_at) \
+                 FROM resources WHERE user_id = $1 ORDER BY created_at", user_id).await?,
+            memory_items: self.rows_as_json(
+                "SELECT jsonb_build_object('id', id, 'agent_id', agent_id, 'resource_id', resource_id, \
+                 'memory_type', memory_type, 'summary', summary, 'happened_at', happened_at, \
+                 'created_at', created_at, 'updated_at', updated_at, 'extra', extra) \
+                 FROM memory_items WHERE user_id = $1 ORDER BY created_at", user_id).await?,
+            categories: self.rows_as_json(
+                "SELECT jsonb_build_object('id', id, 'agent_id', agent_id, 'name', name, \
+                 'description', description, 'summary', summary, 'updated_at', updated_at) \
+                 FROM memory_categories WHERE user_id = $1 ORDER BY created_at", user_id).await?,
+            category_items: self.rows_as_json(
+                "SELECT jsonb_build_object('memory_item_id', memory_item_id, 'category_id', category_id, \
+                 'confidence', confidence) FROM category_items WHERE user_id = $1", user_id).await?,
+            tasks: self.rows_as_json(
+                "SELECT jsonb_build_object('task_id', id, 'agent_id', agent_id, 'resource_id', resource_id, \
+                 'status', status, 'attempts', attempts, 'error', error, 'created_at', created_at) \
+                 FROM memorize_tasks WHERE user_id = $1 ORDER BY created_at", user_id).await?,
+        })
+    }
+}

@@ -1,0 +1,891 @@
+//! Embedded store: one SQLite file (WAL), vectors searched in process.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
+use uuid::Uuid;
+
+use memu_crds::worker::{CategorySpec, WorkerConfig};
+
+use super::vector_index::{RowMeta, UserIndexes};
+use super::{
+    EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
+    encode_cursor,
+};
+use crate::model::{
+    Category, DeletedCounts, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
+    Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Users whose vectors stay cached in memory.
+const CACHED_USERS: usize = 4096;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    space: EmbeddingSpace,
+    max_connections: u32,
+    index: UserIndexes,
+}
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn from_micros(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(v).unwrap_or_default()
+}
+
+fn encode_vector(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn decode_vector(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn uuid_col(row: &SqliteRow, col: &str) -> Result<Uuid, StoreError> {
+    let text: String = row.try_get(col)?;
+    Uuid::parse_str(&text).map_err(|e| StoreError::Invalid(format!("bad uuid in {col}: {e}")))
+}
+
+fn item_from_row(row: &SqliteRow) -> Result<MemoryItem, StoreError> {
+    let memory_type: String = row.try_get("memory_type")?;
+    let resource_id: Option<String> = row.try_get("resource_id")?;
+    let extra: String = row.try_get("extra")?;
+    Ok(MemoryItem {
+        id: uuid_col(row, "id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        resource_id: resource_id.and_then(|r| Uuid::parse_str(&r).ok()),
+        memory_type: MemoryType::parse(&memory_type)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown memory_type {memory_type}")))?,
+        summary: row.try_get("summary")?,
+        happened_at: row
+            .try_get::<Option<i64>, _>("happened_at")?
+            .map(from_micros),
+        created_at: from_micros(row.try_get("created_at")?),
+        updated_at: from_micros(row.try_get("updated_at")?),
+        extra: serde_json::from_str(&extra).unwrap_or_default(),
+    })
+}
+
+fn category_from_row(row: &SqliteRow) -> Result<Category, StoreError> {
+    let embedding: Vec<u8> = row.try_get("embedding")?;
+    Ok(Category {
+        id: uuid_col(row, "id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        summary: row.try_get("summary")?,
+        embedding: decode_vector(&embedding),
+        updated_at: from_micros(row.try_get("updated_at")?),
+    })
+}
+
+fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
+    let status: String = row.try_get("status")?;
+    Ok(Task {
+        id: uuid_col(row, "id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        resource_id: uuid_col(row, "resource_id")?,
+        status: TaskStatus::parse(&status)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown task status {status}")))?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        error: row.try_get("error")?,
+        created_at: from_micros(row.try_get("created_at")?),
+        started_at: row
+            .try_get::<Option<i64>, _>("started_at")?
+            .map(from_micros),
+        completed_at: row
+            .try_get::<Option<i64>, _>("completed_at")?
+            .map(from_micros),
+    })
+}
+
+fn resource_from_row(row: &SqliteRow) -> Result<Resource, StoreError> {
+    let modality: String = row.try_get("modality")?;
+    let content: String = row.try_get("content")?;
+    Ok(Resource {
+        id: uuid_col(row, "id")?,
+        user_id: row.try_get("user_id")?,
+        agent_id: row.try_get("agent_id")?,
+        modality: Modality::parse(&modality)
+            .ok_or_else(|| StoreError::Invalid(format!("unknown modality {modality}")))?,
+        content_hash: row.try_get("content_hash")?,
+        content: serde_json::from_str(&content).unwrap_or_default(),
+        caption: row.try_get("caption")?,
+        created_at: from_micros(row.try_get("created_at")?),
+    })
+}
+
+fn row_meta(item: &MemoryItem) -> RowMeta {
+    RowMeta {
+        agent_id: item.agent_id.as_str().into(),
+        memory_type: item.memory_type,
+        at_micros: micros(item.happened_at.unwrap_or(item.created_at)),
+    }
+}
+
+fn agent_scoped(table: &str, agent_id: Option<&str>) -> String {
+    match agent_id {
+        Some(_) => format!("DELETE FROM {table} WHERE user_id = ?1 AND agent_id = ?2"),
+        None => format!("DELETE FROM {table} WHERE user_id = ?1"),
+    }
+}
+
+const ITEM_COLUMNS: &str = "user_id, id, agent_id, resource_id, memory_type, summary, happened_at, \
+                            created_at, updated_at, extra";
+
+impl SqliteStore {
+    pub async fn open(config: &WorkerConfig, space: EmbeddingSpace) -> anyhow::Result<Self> {
+        let path = &config.database.sqlite_path;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                anyhow::anyhow!("cannot create database directory {}: {e}", dir.display())
+            })?;
+        }
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(config.database.max_connections)
+            .min_connections(config.database.min_connections)
+            .acquire_timeout(Duration::from_secs(config.database.acquire_timeout_secs))
+            .connect_with(options)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
+        Ok(Self {
+            pool,
+            index: UserIndexes::new(space.dimension, CACHED_USERS),
+            space,
+            max_connections: config.database.max_connections,
+        })
+    }
+
+    async fn stored_space(&self) -> Result<Option<EmbeddingSpace>, StoreError> {
+        let rows = sqlx::query("SELECT key, value FROM memu_meta WHERE key IN ('embedding_dimension', 'embedding_model')")
+            .fetch_all(&self.pool)
+            .await?;
+        let get = |k: &str| {
+            rows.iter()
+                .find(|r| r.get::<String, _>("key") == k)
+                .map(|r| r.get::<String, _>("value"))
+        };
+        Ok(match (get("embedding_dimension"), get("embedding_model")) {
+            (Some(dim), Some(model)) => Some(EmbeddingSpace {
+                dimension: dim.parse().unwrap_or(0),
+                model,
+            }),
+            _ => None,
+        })
+    }
+
+    /// Loads the user's vectors into the in-process index unless cached.
+    async fn user_index(
+        &self,
+        user_id: &str,
+    ) -> Result<std::sync::Arc<tokio::sync::RwLock<super::vector_index::UserVectors>>, StoreError>
+    {
+        let entry = self.index.entry(user_id);
+        if entry.read().await.is_loaded() {
+            return Ok(entry);
+        }
+        let mut vectors = entry.write().await;
+        if !vectors.is_loaded() {
+            let rows = sqlx::query(
+                "SELECT id, agent_id, memory_type, happened_at, created_at, embedding \
+                 FROM memory_items WHERE user_id = ?",
+            )
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+            for row in rows {
+                let memory_type: String = row.try_get("memory_type")?;
+                let at: Option<i64> = row.try_get("happened_at")?;
+                let created: i64 = row.try_get("created_at")?;
+                let agent: String = row.try_get("agent_id")?;
+                let embedding: Vec<u8> = row.try_get("embedding")?;
+                vectors.upsert(
+                    uuid_col(&row, "id")?,
+                    RowMeta {
+                        agent_id: agent.as_str().into(),
+                        memory_type: MemoryType::parse(&memory_type).unwrap_or(MemoryType::Event),
+                        at_micros: at.unwrap_or(created),
+                    },
+                    &decode_vector(&embedding),
+                );
+            }
+            vectors.mark_loaded();
+        }
+        drop(vectors);
+        Ok(entry)
+    }
+
+    async fn index_upsert(&self, items: &[NewItem]) {
+        for new in items {
+            if let Some(entry) = self.index.cached(&new.item.user_id) {
+                entry
+                    .write()
+                    .await
+                    .upsert(new.item.id, row_meta(&new.item), &new.embedding);
+            }
+        }
+    }
+
+    async fn insert_items_tx(
+        tx: &mut sqlx::SqliteConnection,
+        items: &[NewItem],
+    ) -> Result<(), StoreError> {
+        for new in items {
+            let item = &new.item;
+            sqlx::query(
+                "INSERT INTO memory_items (user_id, id, agent_id, resource_id, memory_type, summary, \
+                 happened_at, created_at, updated_at, extra, embedding) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&item.user_id)
+            .bind(item.id.to_string())
+            .bind(&item.agent_id)
+            .bind(item.resource_id.map(|r| r.to_string()))
+            .bind(item.memory_type.as_str())
+            .bind(&item.summary)
+            .bind(item.happened_at.map(micros))
+            .bind(micros(item.created_at))
+            .bind(micros(item.updated_at))
+            .bind(item.extra.to_string())
+            .bind(encode_vector(&new.embedding))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn upsert_user(
+        tx: &mut sqlx::SqliteConnection,
+        user_id: &str,
+        user_name: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO users (user_id, user_name, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (user_id) DO UPDATE SET user_name = COALESCE(excluded.user_name, users.user_name)",
+        )
+        .bind(user_id)
+        .bind(user_name)
+        .bind(micros(Utc::now()))
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &ItemFilter) {
+        if let Some(agent) = &filter.agent_id {
+            qb.push(" AND agent_id = ").push_bind(agent.clone());
+        }
+        if !filter.memory_types.is_empty() {
+            qb.push(" AND memory_type IN (");
+            let mut sep = qb.separated(", ");
+            for t in &filter.memory_types {
+                sep.push_bind(t.as_str());
+            }
+            qb.push(")");
+        }
+        if let Some(since) = filter.since {
+            qb.push(" AND COALESCE(happened_at, created_at) >= ")
+                .push_bind(micros(since));
+        }
+        if let Some(until) = filter.until {
+            qb.push(" AND COALESCE(happened_at, created_at) < ")
+                .push_bind(micros(until));
+        }
+    }
+
+    async fn rows_as_json(
+        &self,
+        sql: &str,
+        user_id: &str,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows: Vec<(String,)> = sqlx::query_as(AssertSqlSafe(sql.to_string()))
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(json,)| serde_json::from_str(&json).ok())
+            .collect())
+    }
+}
+
+#[async_trait]
+impl MemoryStore for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        match self.stored_space().await? {
+            Some(stored) => check_space(&stored, &self.space)?,
+            None => {
+                sqlx::query(
+                    "INSERT INTO memu_meta (key, value) VALUES ('embedding_dimension', ?), ('embedding_model', ?)",
+                )
+                .bind(self.space.dimension.to_string())
+                .bind(&self.space.model)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        let applied: Vec<(i64,)> =
+            sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|_| StoreError::NotReady("migrations have not been applied".into()))?;
+        if let Some(missing) = MIGRATOR
+            .iter()
+            .find(|m| !applied.iter().any(|(v,)| *v == m.version))
+        {
+            return Err(StoreError::NotReady(format!(
+                "migration {} ({}) is not applied; run `memu-worker migrate`",
+                missing.version, missing.description
+            )));
+        }
+        match self.stored_space().await? {
+            Some(stored) => check_space(&stored, &self.space),
+            None => Err(StoreError::NotReady(
+                "embedding space not recorded; run `memu-worker migrate`".into(),
+            )),
+        }
+    }
+
+    fn pool_stats(&self) -> Vec<PoolStats> {
+        let size = self.pool.size();
+        let idle = self.pool.num_idle() as u32;
+        vec![PoolStats {
+            pool: "primary",
+            in_use: size.saturating_sub(idle),
+            idle,
+            max: self.max_connections,
+        }]
+    }
+
+    async fn enqueue_memorize(
+        &self,
+        resource: &Resource,
+        task: &Task,
+        user_name: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::upsert_user(&mut tx, &resource.user_id, user_name).await?;
+        sqlx::query(
+            "INSERT INTO resources (user_id, id, agent_id, modality, content_hash, content, caption, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&resource.user_id)
+        .bind(resource.id.to_string())
+        .bind(&resource.agent_id)
+        .bind(resource.modality.as_str())
+        .bind(&resource.content_hash)
+        .bind(resource.content.to_string())
+        .bind(&resource.caption)
+        .bind(micros(resource.created_at))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO memorize_tasks (user_id, id, agent_id, resource_id, status, attempts, created_at) \
+             VALUES (?, ?, ?, ?, ?, 0, ?)",
+        )
+        .bind(&task.user_id)
+        .bind(task.id.to_string())
+        .bind(&task.agent_id)
+        .bind(task.resource_id.to_string())
+        .bind(task.status.as_str())
+        .bind(micros(task.created_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_task(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Option<(Task, Resource)>, StoreError> {
+        let now = micros(Utc::now());
+        let lease_until = now + lease.as_micros() as i64;
+        // One job per user at a time, oldest first: a user's jobs apply in order.
+        let row = sqlx::query(
+            "UPDATE memorize_tasks SET status = 'PROCESSING', worker_id = ?1, lease_until = ?2, \
+                 attempts = attempts + 1, started_at = COALESCE(started_at, ?3) \
+             WHERE id = (SELECT t.id FROM memorize_tasks t \
+                 WHERE (t.status = 'PENDING' OR (t.status = 'PROCESSING' AND t.lease_until < ?3)) \
+                   AND NOT EXISTS (SELECT 1 FROM memorize_tasks o WHERE o.user_id = t.user_id \
+                       AND o.id <> t.id AND o.status = 'PROCESSING' AND o.lease_until >= ?3) \
+                 ORDER BY t.created_at LIMIT 1) \
+             RETURNING *",
+        )
+        .bind(worker_id)
+        .bind(lease_until)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let task = task_from_row(&row)?;
+        let resource = sqlx::query("SELECT * FROM resources WHERE user_id = ? AND id = ?")
+            .bind(&task.user_id)
+            .bind(task.resource_id.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some((task, resource_from_row(&resource)?)))
+    }
+
+    async fn heartbeat_task(
+        &self,
+        task_id: Uuid,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let until = micros(Utc::now()) + lease.as_micros() as i64;
+        sqlx::query("UPDATE memorize_tasks SET lease_until = ? WHERE id = ? AND worker_id = ? AND status = 'PROCESSING'")
+            .bind(until)
+            .bind(task_id.to_string())
+            .bind(worker_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn complete_task(&self, task: &Task, outcome: MemorizeOutcome) -> Result<(), StoreError> {
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin().await?;
+        Self::insert_items_tx(&mut tx, &outcome.items).await?;
+        for link in &outcome.links {
+            sqlx::query(
+                "INSERT OR IGNORE INTO category_items (user_id, memory_item_id, category_id, confidence) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(&task.user_id)
+            .bind(link.item_id.to_string())
+            .bind(link.category_id.to_string())
+            .bind(link.confidence)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for update in &outcome.category_updates {
+            sqlx::query("UPDATE memory_categories SET summary = ?, embedding = ?, updated_at = ? WHERE user_id = ? AND id = ?")
+                .bind(&update.summary)
+                .bind(encode_vector(&update.embedding))
+                .bind(now)
+                .bind(&task.user_id)
+                .bind(update.category_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(caption) = &outcome.resource_caption {
+            sqlx::query("UPDATE resources SET caption = ? WHERE user_id = ? AND id = ?")
+                .bind(caption)
+                .bind(&task.user_id)
+                .bind(task.resource_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let done = sqlx::query(
+            "UPDATE memorize_tasks SET status = 'SUCCESS', completed_at = ?, error = NULL, lease_until = NULL \
+             WHERE id = ? AND status = 'PROCESSING'",
+        )
+        .bind(now)
+        .bind(task.id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            // The task was deleted (user erased) while it ran: drop the results with it.
+            tx.rollback().await?;
+            return Ok(());
+        }
+        tx.commit().await?;
+        self.index_upsert(&outcome.items).await;
+        Ok(())
+    }
+
+    async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError> {
+        let now = micros(Utc::now());
+        sqlx::query(
+            "UPDATE memorize_tasks SET status = ?, error = ?, lease_until = NULL, worker_id = NULL, \
+             completed_at = ? WHERE id = ?",
+        )
+        .bind(if retry { "PENDING" } else { "FAILED" })
+        .bind(error)
+        .bind(if retry { None } else { Some(now) })
+        .bind(task.id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
+        sqlx::query("SELECT * FROM memorize_tasks WHERE id = ?")
+            .bind(task_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| task_from_row(&r))
+            .transpose()
+    }
+
+    async fn ensure_categories(
+        &self,
+        scope: &Scope,
+        specs: &[(CategorySpec, Vec<f32>)],
+    ) -> Result<Vec<Category>, StoreError> {
+        let now = micros(Utc::now());
+        let mut tx = self.pool.begin().await?;
+        Self::upsert_user(&mut tx, &scope.user_id, None).await?;
+        for (i, (spec, embedding)) in specs.iter().enumerate() {
+            sqlx::query(
+                "INSERT OR IGNORE INTO memory_categories \
+                 (user_id, id, agent_id, name, description, summary, embedding, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, '', ?, ?, ?)",
+            )
+            .bind(&scope.user_id)
+            .bind(Uuid::new_v4().to_string())
+            .bind(&scope.agent_id)
+            .bind(&spec.name)
+            .bind(&spec.description)
+            .bind(encode_vector(embedding))
+            .bind(now + i as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.list_categories(scope).await
+    }
+
+    async fn list_categories(&self, scope: &Scope) -> Result<Vec<Category>, StoreError> {
+        sqlx::query("SELECT * FROM memory_categories WHERE user_id = ? AND agent_id = ? ORDER BY created_at, name")
+            .bind(&scope.user_id)
+            .bind(&scope.agent_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(category_from_row)
+            .collect()
+    }
+
+    async fn category_items(
+        &self,
+        user_id: &str,
+        category_id: Uuid,
+        limit: usize,
+    ) -> Result<Vec<MemoryItem>, StoreError> {
+        sqlx::query(
+            "SELECT m.* FROM memory_items m JOIN category_items c \
+               ON c.user_id = m.user_id AND c.memory_item_id = m.id \
+             WHERE m.user_id = ? AND c.category_id = ? \
+             ORDER BY COALESCE(m.happened_at, m.created_at) DESC, m.id DESC LIMIT ?",
+        )
+        .bind(user_id)
+        .bind(category_id.to_string())
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(item_from_row)
+        .collect()
+    }
+
+    async fn search_items(
+        &self,
+        user_id: &str,
+        query: &[f32],
+        filter: &ItemFilter,
+        k: usize,
+    ) -> Result<Vec<ScoredItem>, StoreError> {
+        if query.len() != self.space.dimension {
+            return Err(StoreError::Invalid(format!(
+                "query vector has {} dimensions, expected {}",
+                query.len(),
+                self.space.dimension
+            )));
+        }
+        let entry = self.user_index(user_id).await?;
+        let hits = entry.read().await.search(query, filter, k);
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = "
+        ));
+        qb.push_bind(user_id).push(" AND id IN (");
+        let mut sep = qb.separated(", ");
+        for (id, _) in &hits {
+            sep.push_bind(id.to_string());
+        }
+        qb.push(")");
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        let mut items: std::collections::HashMap<Uuid, MemoryItem> = rows
+            .iter()
+            .map(|r| item_from_row(r).map(|i| (i.id, i)))
+            .collect::<Result<_, _>>()?;
+        Ok(hits
+            .into_iter()
+            .filter_map(|(id, score)| items.remove(&id).map(|item| ScoredItem { item, score }))
+            .collect())
+    }
+
+    async fn list_items(
+        &self,
+        user_id: &str,
+        filter: &ItemFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<MemoryItem>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = "
+        ));
+        qb.push_bind(user_id.to_string());
+        Self::push_filter(&mut qb, filter);
+        if let Some(cursor) = cursor {
+            let (at, id) = decode_cursor(cursor)?;
+            qb.push(" AND (created_at < ")
+                .push_bind(micros(at))
+                .push(" OR (created_at = ")
+                .push_bind(micros(at))
+                .push(" AND id < ")
+                .push_bind(id.to_string())
+                .push("))");
+        }
+        qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(limit as i64 + 1);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        let mut items: Vec<MemoryItem> =
+            rows.iter().map(item_from_row).collect::<Result<_, _>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|i| encode_cursor(i.created_at, i.id))
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn get_item(&self, user_id: &str, id: Uuid) -> Result<Option<MemoryItem>, StoreError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = ? AND id = ?"
+        )))
+        .bind(user_id)
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| item_from_row(&r))
+        .transpose()
+    }
+
+    async fn insert_item(&self, item: &NewItem) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::upsert_user(&mut tx, &item.item.user_id, None).await?;
+        Self::insert_items_tx(&mut tx, std::slice::from_ref(item)).await?;
+        tx.commit().await?;
+        self.index_upsert(std::slice::from_ref(item)).await;
+        Ok(())
+    }
+
+    async fn update_item(
+        &self,
+        user_id: &str,
+        id: Uuid,
+        patch: &ItemPatch,
+    ) -> Result<Option<MemoryItem>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new("UPDATE memory_items SET updated_at = ");
+        qb.push_bind(micros(Utc::now()));
+        if let Some(summary) = &patch.summary {
+            qb.push(", summary = ").push_bind(summary.clone());
+        }
+        if let Some(embedding) = &patch.embedding {
+            qb.push(", embedding = ")
+                .push_bind(encode_vector(embedding));
+        }
+        if let Some(t) = patch.memory_type {
+            qb.push(", memory_type = ").push_bind(t.as_str());
+        }
+        if let Some(at) = patch.happened_at {
+            qb.push(", happened_at = ").push_bind(at.map(micros));
+        }
+        if let Some(extra) = &patch.extra {
+            qb.push(", extra = ").push_bind(extra.to_string());
+        }
+        qb.push(" WHERE user_id = ")
+            .push_bind(user_id.to_string())
+            .push(" AND id = ")
+            .push_bind(id.to_string())
+            .push(format!(" RETURNING {ITEM_COLUMNS}"));
+        let Some(row) = qb.build().fetch_optional(&self.pool).await? else {
+            return Ok(None);
+        };
+        let item = item_from_row(&row)?;
+        if let Some(entry) = self.index.cached(user_id) {
+            let mut vectors = entry.write().await;
+            match &patch.embedding {
+                Some(embedding) => vectors.upsert(id, row_meta(&item), embedding),
+                None => vectors.update_meta(id, row_meta(&item)),
+            }
+        }
+        Ok(Some(item))
+    }
+
+    async fn delete_item(&self, user_id: &str, id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM memory_items WHERE user_id = ? AND id = ?")
+            .bind(user_id)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        if let Some(entry) = self.index.cached(user_id) {
+            entry.write().await.remove(id);
+        }
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn find_identical_item(
+        &self,
+        scope: &Scope,
+        memory_type: MemoryType,
+        summary: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT id FROM memory_items WHERE user_id = ? AND agent_id = ? AND memory_type = ? AND summary = ? LIMIT 1",
+        )
+        .bind(&scope.user_id)
+        .bind(&scope.agent_id)
+        .bind(memory_type.as_str())
+        .bind(summary)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(id,)| Uuid::parse_str(&id).ok()))
+    }
+
+    async fn get_resources(
+        &self,
+        user_id: &str,
+        ids: &[Uuid],
+    ) -> Result<Vec<Resource>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM resources WHERE user_id = ");
+        qb.push_bind(user_id.to_string()).push(" AND id IN (");
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id.to_string());
+        }
+        qb.push(") ORDER BY created_at");
+        qb.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(resource_from_row)
+            .collect()
+    }
+
+    async fn delete_user(
+        &self,
+        user_id: &str,
+        agent_id: Option<&str>,
+    ) -> Result<DeletedCounts, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut counts = DeletedCounts::default();
+        // Children first, so the counts are exact whatever cascades exist.
+        let item_links = match agent_id {
+            Some(_) => "DELETE FROM category_items WHERE user_id = ?1 AND memory_item_id IN \
+                        (SELECT id FROM memory_items WHERE user_id = ?1 AND agent_id = ?2)"
+                .to_string(),
+            None => "DELETE FROM category_items WHERE user_id = ?1".to_string(),
+        };
+        let statements = [
+            (item_links, None),
+            (
+                agent_scoped("memory_items", agent_id),
+                Some(&mut counts.memory_items),
+            ),
+            (
+                agent_scoped("memory_categories", agent_id),
+                Some(&mut counts.categories),
+            ),
+            (
+                agent_scoped("memorize_tasks", agent_id),
+                Some(&mut counts.tasks),
+            ),
+            (
+                agent_scoped("resources", agent_id),
+                Some(&mut counts.resources),
+            ),
+        ];
+        for (sql, slot) in statements {
+            let mut query = sqlx::query(AssertSqlSafe(sql.clone())).bind(user_id);
+            if let Some(agent) = agent_id {
+                query = query.bind(agent);
+            }
+            let done = query.execute(&mut *tx).await?;
+            if let Some(slot) = slot {
+                *slot = done.rows_affected();
+            }
+        }
+        if agent_id.is_none() {
+            sqlx::query("DELETE FROM users WHERE user_id = ?")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        self.index.forget(user_id);
+        Ok(counts)
+    }
+
+    async fn export_user(&self, user_id: &str) -> Result<UserExport, StoreError> {
+        let ts =
+            |col: &str| format!("strftime('%Y-%m-%dT%H:%M:%fZ', {col} / 1000000.0, 'unixepoch')");
+        Ok(UserExport {
+            user_id: user_id.to_string(),
+            exported_at: Utc::now(),
+            resources: self.rows_as_json(&format!(
+                "SELECT json_object('id', id, 'agent_id', agent_id, 'modality', modality, 'content_hash', content_hash, \
+                 'content', json(content), 'caption', caption, 'created_at', {}) FROM resources WHERE user_id = ? ORDER BY created_at",
+                ts("created_at")), user_id).await?,
+            memory_items: self.rows_as_json(&format!(
+                "SELECT json_object('id', id, 'agent_id', agent_id, 'resource_id', resource_id, 'memory_type', memory_type, \
+                 'summary', summary, 'happened_at', CASE WHEN happened_at IS NULL THEN NULL ELSE {} END, 'created_at', {}, \
+                 'updated_at', {}, 'extra', json(extra)) FROM memory_items WHERE user_id = ? ORDER BY created_at",
+                ts("happened_at"), ts("created_at"), ts("updated_at")), user_id).await?,
+            categories: self.rows_as_json(&format!(
+                "SELECT json_object('id', id, 'agent_id', agent_id, 'name', name, 'description', description, \
+                 'summary', summary, 'updated_at', {}) FROM memory_categories WHERE user_id = ? ORDER BY created_at",
+                ts("updated_at")), user_id).await?,
+            category_items: self.rows_as_json(
+                "SELECT json_object('memory_item_id', memory_item_id, 'category_id', category_id, 'confidence', confidence) \
+                 FROM category_items WHERE user_id = ?", user_id).await?,
+            tasks: self.rows_as_json(&format!(
+                "SELECT json_object('task_id', id, 'agent_id', agent_id, 'resource_id', resource_id, 'status', status, \
+                 'attempts', attempts, 'error', error, 'created_at', {}) FROM memorize_tasks WHERE user_id = ? ORDER BY created_at",
+                ts("created_at")), user_id).await?,
+        })
+    }
+}

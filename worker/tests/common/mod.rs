@@ -1,0 +1,200 @@
+//! Shared helpers of the worker's integration tests: real Postgres databases, the local model,
+//! the OpenAI-compatible stub, and an in-process server on a real loopback port.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use memu_crds::worker::{DatabaseBackend, ProviderPreset, ProviderProfile, WorkerConfig};
+use memu_e2e::openai_stub::{OpenAiStub, StubOptions};
+use memu_worker::service::MemoryService;
+use sqlx::Connection;
+
+/// Dimension used with the stub embedder (small keeps tests quick).
+pub const STUB_DIM: usize = 64;
+
+/// The Postgres server the test script started (`e2e/test.sh` exports it).
+pub fn admin_dsn() -> String {
+    std::env::var("MEMU_TEST_DATABASE_URL").expect(
+        "MEMU_TEST_DATABASE_URL is not set: run the suite through e2e/test.sh, which starts \
+         PostgreSQL 15 + pgvector and exports it",
+    )
+}
+
+/// A new, empty database on the test server with pgvector available; returns its DSN.
+pub async fn fresh_database() -> String {
+    let admin = admin_dsn();
+    let name = format!("memu_t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .expect("connect to test Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("DSN has a database name");
+    format!("{base}/{name}")
+}
+
+/// Directory of the local model (`scripts/install-model.sh` prints it; the test script exports it).
+pub fn model_dir() -> PathBuf {
+    PathBuf::from(std::env::var("MEMU_TEST_MODEL_DIR").expect(
+        "MEMU_TEST_MODEL_DIR is not set: run the suite through e2e/test.sh, which installs the \
+         model with scripts/install-model.sh",
+    ))
+}
+
+pub async fn stub() -> OpenAiStub {
+    OpenAiStub::start(StubOptions {
+        dimension: STUB_DIM,
+        ..Default::default()
+    })
+    .await
+    .expect("start stub")
+}
+
+/// Config using the stub for embeddings.
+pub fn stub_config(stub: &OpenAiStub) -> WorkerConfig {
+    let mut config = WorkerConfig::default();
+    config.vector.dimension = STUB_DIM;
+    config.providers.insert(
+        "stub".into(),
+        ProviderProfile {
+            preset: ProviderPreset::Openai,
+            base_url: Some(stub.base_url()),
+            api_key_env: Some("MEMU_TEST_STUB_KEY_UNSET".into()),
+            embed_model: Some("stub-embed".into()),
+            chat_model: Some("stub-chat".into()),
+            max_retries: 2,
+            ..Default::default()
+        },
+    );
+    config.embedding.provider = "stub".into();
+    config.pipeline.poll_interval_ms = 50;
+    config
+}
+
+/// Config using the local candle model.
+pub fn local_config() -> WorkerConfig {
+    let mut config = WorkerConfig::default();
+    config.providers.get_mut("local").unwrap().model_dir = Some(model_dir());
+    config.pipeline.poll_interval_ms = 50;
+    config
+}
+
+pub enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+/// Points the config at a fresh database of the given kind.
+pub async fn with_backend(mut config: WorkerConfig, postgres: bool) -> (WorkerConfig, Backend) {
+    if postgres {
+        let dsn = fresh_database().await;
+        let var = format!("MEMU_TEST_DSN_{}", uuid::Uuid::new_v4().simple());
+        // SAFETY: each test sets a variable of its own name; nothing reads it concurrently.
+        unsafe { std::env::set_var(&var, &dsn) };
+        config.database.backend = DatabaseBackend::Postgres;
+        config.database.url_env = var;
+        (config, Backend::Postgres(dsn))
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        config.database.sqlite_path = dir.path().join("memu.db");
+        (config, Backend::Sqlite(dir))
+    }
+}
+
+/// A service and an in-process server on a loopback port; stops when dropped.
+pub struct TestServer {
+    pub base: String,
+    pub service: Arc<MemoryService>,
+    pub http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: WorkerConfig) -> Self {
+        memu_worker::server::install_crypto_provider();
+        let service = memu_worker::server::build_service(config, true)
+            .await
+            .expect("build service");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(memu_worker::server::serve(
+            service.clone(),
+            listener,
+            None,
+            async {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            base,
+            service,
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Polls a task until it leaves PENDING/PROCESSING (bounded number of polls).
+    pub async fn wait_task(&self, task_id: &str) -> serde_json::Value {
+        for _ in 0..600 {
+            let (status, body) = self
+                .get(&format!("/api/v3/memory/memorize/status/{task_id}"))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            if body["status"] == "SUCCESS" || body["status"] == "FAILED" {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("task {task_id} did not finish");
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}

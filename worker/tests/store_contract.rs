@@ -1,0 +1,831 @@
+//! One contract for the `MemoryStore` trait, run against the embedded SQLite store and against a
+//! real PostgreSQL 15 + pgvector server.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use memu_crds::worker::{CategorySpec, WorkerConfig};
+use memu_worker::model::{
+    CategoryLink, CategoryUpdate, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
+    Modality, NewItem, Resource, Scope, Task, TaskStatus, normalize,
+};
+use memu_worker::store::{self, EmbeddingSpace, MemoryStore, StoreError};
+use uuid::Uuid;
+
+const DIM: usize = 16;
+
+fn space() -> EmbeddingSpace {
+    EmbeddingSpace {
+        dimension: DIM,
+        model: "test/contract".into(),
+    }
+}
+
+async fn open(postgres: bool) -> (Arc<dyn MemoryStore>, WorkerConfig, common::Backend) {
+    let mut config = WorkerConfig::default();
+    config.vector.dimension = DIM;
+    let (config, backend) = common::with_backend(config, postgres).await;
+    let store = store::open(&config, space()).await.expect("open store");
+    store.migrate().await.expect("migrate");
+    (store, config, backend)
+}
+
+/// A deterministic unit vector pointing mostly along axis `axis`.
+fn vector(axis: usize, wobble: f32) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..DIM)
+        .map(|i| ((i * 7 + axis) % 5) as f32 * 0.01 * wobble)
+        .collect();
+    v[axis % DIM] += 1.0;
+    normalize(&mut v);
+    v
+}
+
+fn item(
+    user: &str,
+    agent: &str,
+    memory_type: MemoryType,
+    summary: &str,
+    at: DateTime<Utc>,
+) -> MemoryItem {
+    MemoryItem {
+        id: Uuid::now_v7(),
+        user_id: user.into(),
+        agent_id: agent.into(),
+        resource_id: None,
+        memory_type,
+        summary: summary.into(),
+        happened_at: Some(at),
+        created_at: at,
+        updated_at: at,
+        extra: serde_json::json!({"k": "v"}),
+    }
+}
+
+fn resource_and_task(user: &str, created: DateTime<Utc>) -> (Resource, Task) {
+    let resource = Resource {
+        id: Uuid::now_v7(),
+        user_id: user.into(),
+        agent_id: String::new(),
+        modality: Modality::Conversation,
+        content_hash: "abc".into(),
+        content: serde_json::json!({"messages": [{"role": "user", "content": "I live in Oslo"}]}),
+        caption: None,
+        created_at: created,
+    };
+    let task = Task {
+        id: Uuid::now_v7(),
+        user_id: user.into(),
+        agent_id: String::new(),
+        resource_id: resource.id,
+        status: TaskStatus::Pending,
+        attempts: 0,
+        error: None,
+        created_at: created,
+        started_at: None,
+        completed_at: None,
+    };
+    (resource, task)
+}
+
+fn at(day: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2025, 3, day, 12, 0, 0).unwrap()
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(false).await })*
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(true).await })*
+        }
+    };
+}
+
+contract!(
+    memorize_job_round_trip,
+    one_job_per_user_at_a_time,
+    failures_retry_then_fail,
+    search_ranks_filters_and_isolates_users,
+    list_pages_and_filters,
+    update_and_delete_items,
+    erase_and_export_a_user,
+    categories_are_private_per_user,
+    embedding_space_is_checked,
+    identical_items_are_found,
+);
+
+async fn memorize_job_round_trip(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    store.check_ready().await.expect("ready after migrate");
+    let (resource, task) = resource_and_task("alice", Utc::now());
+    store
+        .enqueue_memorize(&resource, &task, Some("Alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_task(task.id).await.unwrap().unwrap().status,
+        TaskStatus::Pending
+    );
+
+    let (claimed, claimed_resource) = store
+        .claim_task("w1", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("a task to claim");
+    assert_eq!(claimed.id, task.id);
+    assert_eq!(claimed.status, TaskStatus::Processing);
+    assert_eq!(claimed.attempts, 1);
+    assert_eq!(claimed_resource.content, resource.content);
+    assert!(
+        store
+            .claim_task("w2", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .heartbeat_task(task.id, "w1", Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    let scope = Scope::new("alice", None);
+    let categories = store
+        .ensure_categories(
+            &scope,
+            &[(
+                CategorySpec {
+                    name: "places".into(),
+                    description: "where".into(),
+                },
+                vector(3, 0.0),
+            )],
+        )
+        .await
+        .unwrap();
+    let mut fact = item(
+        "alice",
+        "",
+        MemoryType::Profile,
+        "Alice lives in Oslo.",
+        at(1),
+    );
+    fact.resource_id = Some(resource.id);
+    let outcome = MemorizeOutcome {
+        links: vec![CategoryLink {
+            item_id: fact.id,
+            category_id: categories[0].id,
+            confidence: 0.9,
+        }],
+        category_updates: vec![CategoryUpdate {
+            category_id: categories[0].id,
+            summary: "- Alice lives in Oslo.".into(),
+            embedding: vector(3, 1.0),
+        }],
+        items: vec![NewItem {
+            item: fact.clone(),
+            embedding: vector(1, 0.0),
+        }],
+        resource_caption: Some("caption".into()),
+    };
+    store.complete_task(&claimed, outcome).await.unwrap();
+    let done = store.get_task(task.id).await.unwrap().unwrap();
+    assert_eq!(done.status, TaskStatus::Success);
+    assert!(done.completed_at.is_some());
+
+    let hits = store
+        .search_items("alice", &vector(1, 0.0), &ItemFilter::default(), 5)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].item.summary, "Alice lives in Oslo.");
+    assert!(hits[0].score > 0.99, "score {}", hits[0].score);
+    let cats = store.list_categories(&scope).await.unwrap();
+    assert_eq!(cats[0].summary, "- Alice lives in Oslo.");
+    let members = store
+        .category_items("alice", categories[0].id, 10)
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1);
+    let resources = store.get_resources("alice", &[resource.id]).await.unwrap();
+    assert_eq!(resources[0].caption.as_deref(), Some("caption"));
+    assert!(
+        store
+            .claim_task("w1", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn one_job_per_user_at_a_time(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let (r1, t1) = resource_and_task("u1", at(1));
+    let (r2, t2) = resource_and_task("u1", at(2));
+    let (r3, t3) = resource_and_task("u2", at(3));
+    for (r, t) in [(&r1, &t1), (&r2, &t2), (&r3, &t3)] {
+        store.enqueue_memorize(r, t, None).await.unwrap();
+    }
+    let lease = Duration::from_secs(60);
+    let first = store.claim_task("a", lease).await.unwrap().unwrap().0;
+    assert_eq!(first.id, t1.id, "oldest first");
+    // u1's second job waits for its first; u2's goes ahead.
+    let second = store.claim_task("b", lease).await.unwrap().unwrap().0;
+    assert_eq!(second.id, t3.id);
+    assert!(store.claim_task("c", lease).await.unwrap().is_none());
+    store
+        .complete_task(&first, MemorizeOutcome::default())
+        .await
+        .unwrap();
+    let third = store.claim_task("c", lease).await.unwrap().unwrap().0;
+    assert_eq!(third.id, t2.id);
+    // An expired lease makes the job claimable again, with the attempt counted.
+    let (r4, t4) = resource_and_task("u3", at(4));
+    store.enqueue_memorize(&r4, &t4, None).await.unwrap();
+    let lost = store
+        .claim_task("d", Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(lost.id, t4.id);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = store.claim_task("e", lease).await.unwrap().unwrap().0;
+    assert_eq!(again.id, t4.id);
+    assert_eq!(again.attempts, 2);
+}
+
+async fn failures_retry_then_fail(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let (r, t) = resource_and_task("u", at(1));
+    store.enqueue_memorize(&r, &t, None).await.unwrap();
+    let lease = Duration::from_secs(60);
+    let claimed = store.claim_task("w", lease).await.unwrap().unwrap().0;
+    store
+        .fail_task(&claimed, "provider down", true)
+        .await
+        .unwrap();
+    let task = store.get_task(t.id).await.unwrap().unwrap();
+    assert_eq!(task.status, TaskStatus::Pending);
+    assert_eq!(task.error.as_deref(), Some("provider down"));
+    let claimed = store.claim_task("w", lease).await.unwrap().unwrap().0;
+    assert_eq!(claimed.attempts, 2);
+    store.fail_task(&claimed, "bad input", false).await.unwrap();
+    let task = store.get_task(t.id).await.unwrap().unwrap();
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert!(task.completed_at.is_some());
+    assert!(store.claim_task("w", lease).await.unwrap().is_none());
+}
+
+async fn search_ranks_filters_and_isolates_users(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let a = item("alice", "", MemoryType::Profile, "a-profile", at(1));
+    let b = item("alice", "bot", MemoryType::Event, "a-event", at(5));
+    let c = item("alice", "", MemoryType::Event, "a-event-2", at(9));
+    let other = item("bob", "", MemoryType::Profile, "b-profile", at(1));
+    for (i, e) in [
+        (&a, vector(1, 0.0)),
+        (&b, vector(1, 2.0)),
+        (&c, vector(7, 0.0)),
+        (&other, vector(1, 0.0)),
+    ] {
+        store
+            .insert_item(&NewItem {
+                item: i.clone(),
+                embedding: e,
+            })
+            .await
+            .unwrap();
+    }
+    let q = vector(1, 0.0);
+    let hits = store
+        .search_items("alice", &q, &ItemFilter::default(), 10)
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = hits.iter().map(|h| h.item.id).collect();
+    assert_eq!(ids, vec![a.id, b.id, c.id], "ranked by cosine");
+    assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+    assert!(!ids.contains(&other.id), "another user's item leaked");
+
+    let events = ItemFilter {
+        memory_types: vec![MemoryType::Event],
+        ..Default::default()
+    };
+    let ids: Vec<Uuid> = store
+        .search_items("alice", &q, &events, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.item.id)
+        .collect();
+    assert_eq!(ids, vec![b.id, c.id]);
+    let agent = ItemFilter {
+        agent_id: Some("bot".into()),
+        ..Default::default()
+    };
+    let ids: Vec<Uuid> = store
+        .search_items("alice", &q, &agent, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.item.id)
+        .collect();
+    assert_eq!(ids, vec![b.id]);
+    let window = ItemFilter {
+        since: Some(at(4)),
+        until: Some(at(9)),
+        ..Default::default()
+    };
+    let ids: Vec<Uuid> = store
+        .search_items("alice", &q, &window, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.item.id)
+        .collect();
+    assert_eq!(ids, vec![b.id]);
+    assert_eq!(
+        store
+            .search_items("alice", &q, &ItemFilter::default(), 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .search_items("nobody", &q, &ItemFilter::default(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let wrong = vec![0.0f32; DIM + 1];
+    assert!(matches!(
+        store
+            .search_items("alice", &wrong, &ItemFilter::default(), 3)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+async fn list_pages_and_filters(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let mut ids = Vec::new();
+    for day in 1..=7 {
+        let t = if day % 2 == 0 {
+            MemoryType::Event
+        } else {
+            MemoryType::Knowledge
+        };
+        let i = item("u", "", t, &format!("item {day}"), at(day));
+        ids.push(i.id);
+        store
+            .insert_item(&NewItem {
+                item: i,
+                embedding: vector(day as usize, 0.0),
+            })
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store
+            .list_items("u", &ItemFilter::default(), 3, cursor.as_deref())
+            .await
+            .unwrap();
+        assert!(page.items.len() <= 3);
+        seen.extend(page.items.iter().map(|i| i.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, every item once");
+    let events = ItemFilter {
+        memory_types: vec![MemoryType::Event],
+        ..Default::default()
+    };
+    let page = store.list_items("u", &events, 50, None).await.unwrap();
+    assert_eq!(page.items.len(), 3);
+    assert!(
+        page.items
+            .iter()
+            .all(|i| i.memory_type == MemoryType::Event)
+    );
+    assert!(matches!(
+        store
+            .list_items("u", &ItemFilter::default(), 3, Some("garbage"))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+async fn update_and_delete_items(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let i = item("u", "", MemoryType::Knowledge, "old text", at(1));
+    store
+        .insert_item(&NewItem {
+            item: i.clone(),
+            embedding: vector(2, 0.0),
+        })
+        .await
+        .unwrap();
+    // Warm any in-process index before the update, so the update must reach it.
+    assert_eq!(
+        store
+            .search_items("u", &vector(2, 0.0), &ItemFilter::default(), 1)
+            .await
+            .unwrap()[0]
+            .item
+            .id,
+        i.id
+    );
+    let patch = ItemPatch {
+        summary: Some("new text".into()),
+        embedding: Some(vector(9, 0.0)),
+        memory_type: Some(MemoryType::Skill),
+        happened_at: Some(None),
+        extra: Some(serde_json::json!({"edited": true})),
+    };
+    let updated = store.update_item("u", i.id, &patch).await.unwrap().unwrap();
+    assert_eq!(updated.summary, "new text");
+    assert_eq!(updated.memory_type, MemoryType::Skill);
+    assert_eq!(updated.happened_at, None);
+    assert_eq!(updated.extra["edited"], true);
+    let hit = &store
+        .search_items("u", &vector(9, 0.0), &ItemFilter::default(), 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(hit.item.id, i.id);
+    assert!(hit.score > 0.99);
+    let skills = ItemFilter {
+        memory_types: vec![MemoryType::Skill],
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .search_items("u", &vector(9, 0.0), &skills, 5)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .update_item("other", i.id, &patch)
+            .await
+            .unwrap()
+            .is_none(),
+        "ids are scoped by user"
+    );
+    assert!(!store.delete_item("other", i.id).await.unwrap());
+    assert!(store.delete_item("u", i.id).await.unwrap());
+    assert!(store.get_item("u", i.id).await.unwrap().is_none());
+    assert!(
+        store
+            .search_items("u", &vector(9, 0.0), &ItemFilter::default(), 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn erase_and_export_a_user(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let (r, t) = resource_and_task("gone", at(1));
+    store.enqueue_memorize(&r, &t, None).await.unwrap();
+    let claimed = store
+        .claim_task("w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    let mut i = item("gone", "", MemoryType::Event, "to be erased", at(1));
+    i.resource_id = Some(r.id);
+    let cats = store
+        .ensure_categories(
+            &Scope::new("gone", None),
+            &[(
+                CategorySpec {
+                    name: "c".into(),
+                    description: "d".into(),
+                },
+                vector(0, 0.0),
+            )],
+        )
+        .await
+        .unwrap();
+    store
+        .complete_task(
+            &claimed,
+            MemorizeOutcome {
+                links: vec![CategoryLink {
+                    item_id: i.id,
+                    category_id: cats[0].id,
+                    confidence: 1.0,
+                }],
+                items: vec![NewItem {
+                    item: i.clone(),
+                    embedding: vector(4, 0.0),
+                }],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let keep = item("kept", "", MemoryType::Event, "stays", at(1));
+    store
+        .insert_item(&NewItem {
+            item: keep.clone(),
+            embedding: vector(4, 0.0),
+        })
+        .await
+        .unwrap();
+
+    let export = store.export_user("gone").await.unwrap();
+    assert_eq!(export.memory_items.len(), 1);
+    assert_eq!(export.memory_items[0]["summary"], "to be erased");
+    assert_eq!(export.resources.len(), 1);
+    assert_eq!(
+        export.resources[0]["content"]["messages"][0]["content"],
+        "I live in Oslo"
+    );
+    assert_eq!(export.categories.len(), 1);
+    assert_eq!(export.category_items.len(), 1);
+    assert_eq!(export.tasks.len(), 1);
+
+    let counts = store.delete_user("gone", None).await.unwrap();
+    assert_eq!(
+        (
+            counts.memory_items,
+            counts.categories,
+            counts.resources,
+            counts.tasks
+        ),
+        (1, 1, 1, 1)
+    );
+    assert!(store.get_task(t.id).await.unwrap().is_none());
+    assert!(
+        store
+            .search_items("gone", &vector(4, 0.0), &ItemFilter::default(), 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let export = store.export_user("gone").await.unwrap();
+    assert!(export.memory_items.is_empty() && export.resources.is_empty());
+    assert_eq!(
+        store
+            .search_items("kept", &vector(4, 0.0), &ItemFilter::default(), 5)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Erasing one agent keeps the user's other data.
+    let mine = item("multi", "a1", MemoryType::Event, "agent one", at(1));
+    let theirs = item("multi", "a2", MemoryType::Event, "agent two", at(1));
+    for i in [&mine, &theirs] {
+        store
+            .insert_item(&NewItem {
+                item: i.clone(),
+                embedding: vector(5, 0.0),
+            })
+            .await
+            .unwrap();
+    }
+    let counts = store.delete_user("multi", Some("a1")).await.unwrap();
+    assert_eq!(counts.memory_items, 1);
+    let left = store
+        .search_items("multi", &vector(5, 0.0), &ItemFilter::default(), 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        left.iter().map(|h| h.item.id).collect::<Vec<_>>(),
+        vec![theirs.id]
+    );
+}
+
+async fn categories_are_private_per_user(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let spec = (
+        CategorySpec {
+            name: "preferences".into(),
+            description: "likes".into(),
+        },
+        vector(0, 0.0),
+    );
+    let a = store
+        .ensure_categories(&Scope::new("a", None), std::slice::from_ref(&spec))
+        .await
+        .unwrap();
+    let b = store
+        .ensure_categories(&Scope::new("b", None), std::slice::from_ref(&spec))
+        .await
+        .unwrap();
+    assert_ne!(a[0].id, b[0].id, "each user gets a private copy");
+    // Creating again is idempotent.
+    let again = store
+        .ensure_categories(&Scope::new("a", None), std::slice::from_ref(&spec))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, a[0].id);
+    let (r, t) = resource_and_task("a", at(1));
+    store.enqueue_memorize(&r, &t, None).await.unwrap();
+    let claimed = store
+        .claim_task("w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    store
+        .complete_task(
+            &claimed,
+            MemorizeOutcome {
+                category_updates: vec![CategoryUpdate {
+                    category_id: a[0].id,
+                    summary: "a likes tea".into(),
+                    embedding: vector(0, 1.0),
+                }],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_categories(&Scope::new("a", None)).await.unwrap()[0].summary,
+        "a likes tea"
+    );
+    assert_eq!(
+        store.list_categories(&Scope::new("b", None)).await.unwrap()[0].summary,
+        ""
+    );
+    assert!(
+        store
+            .list_categories(&Scope::new("a", Some("agent".into())))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn embedding_space_is_checked(pg: bool) {
+    let (store, config, _db) = open(pg).await;
+    drop(store);
+    let mut other = config.clone();
+    other.vector.dimension = DIM * 2;
+    let reopened = store::open(
+        &other,
+        EmbeddingSpace {
+            dimension: DIM * 2,
+            model: "test/contract".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let err = reopened.migrate().await.unwrap_err();
+    assert!(matches!(err, StoreError::Incompatible(_)), "{err}");
+    assert!(err.to_string().contains("vector.dimension"), "{err}");
+    let reopened = store::open(
+        &config,
+        EmbeddingSpace {
+            dimension: DIM,
+            model: "another/model".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let err = reopened.check_ready().await.unwrap_err();
+    assert!(err.to_string().contains("another/model"), "{err}");
+}
+
+async fn identical_items_are_found(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let i = item("u", "", MemoryType::Profile, "The user likes tea.", at(1));
+    store
+        .insert_item(&NewItem {
+            item: i.clone(),
+            embedding: vector(1, 0.0),
+        })
+        .await
+        .unwrap();
+    let scope = Scope::new("u", None);
+    assert_eq!(
+        store
+            .find_identical_item(&scope, MemoryType::Profile, "The user likes tea.")
+            .await
+            .unwrap(),
+        Some(i.id)
+    );
+    assert_eq!(
+        store
+            .find_identical_item(&scope, MemoryType::Event, "The user likes tea.")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .find_identical_item(
+                &Scope::new("v", None),
+                MemoryType::Profile,
+                "The user likes tea."
+            )
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Stores that are not migrated are not ready, with a message saying what to run.
+#[tokio::test]
+async fn unmigrated_store_is_not_ready() {
+    for pg in [false, true] {
+        let mut config = WorkerConfig::default();
+        config.vector.dimension = DIM;
+        let (config, _db) = common::with_backend(config, pg).await;
+        let store = store::open(&config, space()).await.unwrap();
+        let err = store.check_ready().await.unwrap_err();
+        assert!(err.to_string().contains("memu-worker migrate"), "{err}");
+    }
+}
+
+/// pgvector's HNSW index serves per-user searches, and with iterative scans one user's top 10
+/// among many users' rows matches exact search.
+#[tokio::test]
+async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
+    let mut config = WorkerConfig::default();
+    config.vector.dimension = DIM;
+    let (config, _db) = common::with_backend(config, true).await;
+    let pg = store::postgres::PgStore::open(&config, space())
+        .await
+        .unwrap();
+    pg.migrate().await.unwrap();
+    let mut rng_state = 42u64;
+    let mut next = move || {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        (rng_state % 10_000) as f32 / 10_000.0 - 0.5
+    };
+    let users = 40;
+    let per_user = 100;
+    let mut mine: Vec<(Uuid, Vec<f32>)> = Vec::new();
+    for u in 0..users {
+        for n in 0..per_user {
+            let mut v: Vec<f32> = (0..DIM).map(|_| next()).collect();
+            normalize(&mut v);
+            let i = item(
+                &format!("user{u}"),
+                "",
+                MemoryType::Event,
+                &format!("{u}-{n}"),
+                at(1),
+            );
+            if u == 7 {
+                mine.push((i.id, v.clone()));
+            }
+            pg.insert_item(&NewItem {
+                item: i,
+                embedding: v,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let plan = pg.explain_search("user7", &mine[0].1, 10).await.unwrap();
+    assert!(
+        plan.contains("idx_memory_embedding"),
+        "HNSW index not used:\n{plan}"
+    );
+
+    let mut recall_sum = 0.0;
+    let queries = 20;
+    for _ in 0..queries {
+        let mut q: Vec<f32> = (0..DIM).map(|_| next()).collect();
+        normalize(&mut q);
+        let mut exact: Vec<(f32, Uuid)> = mine
+            .iter()
+            .map(|(id, v)| (memu_worker::model::dot(v, &q), *id))
+            .collect();
+        exact.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let truth: HashSet<Uuid> = exact.iter().take(10).map(|(_, id)| *id).collect();
+        let got = pg
+            .search_items("user7", &q, &ItemFilter::default(), 10)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 10, "the filtered scan returned too few rows");
+        assert!(got.iter().all(|h| h.item.user_id == "user7"));
+        recall_sum += got.iter().filter(|h| truth.contains(&h.item.id)).count() as f64 / 10.0;
+    }
+    let recall = recall_sum / queries as f64;
+    assert!(recall >= 0.9, "recall@10 {recall}");
+}
