@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on this machine: installs and starts what the tests need (idempotent
+# and cached), checks formatting, lints and generated files, then runs every test with nextest.
+#
+#   e2e/test.sh              everything
+#   e2e/test.sh -E 'test(x)' extra arguments go to `cargo nextest run`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+state=${MEMU_TEST_STATE:-$root/target/e2e-state}
+mkdir -p "$state"
+log() { printf '\n== %s\n' "$*" >&2; }
+started=$(date +%s)
+
+log "PostgreSQL 15 + pgvector"
+bash e2e/scripts/install-postgres.sh
+
+log "local embedding model"
+model_dir=$(bash scripts/install-model.sh)
+
+log "cargo-nextest"
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest >&2
+fi
+
+log "starting PostgreSQL"
+dsn=$(bash e2e/scripts/start-postgres.sh "$state/pg")
+cleanup() { bash e2e/scripts/stop-postgres.sh "$state/pg" || true; }
+trap cleanup EXIT
+
+log "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "tests"
+export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_MODEL_DIR="$model_dir"
+cargo nextest run --workspace --locked --no-fail-fast "$@"
+
+log "done in $(( $(date +%s) - started ))s"
