@@ -767,8 +767,12 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
     config.vector.dimension = DIM;
     config.vector.hnsw_ef_construction = 64;
     let (config, backend) = common::with_backend(config, true).await;
-    let common::Backend::Postgres(dsn) = backend else { unreachable!() };
-    let pg = store::postgres::PgStore::open(&config, space()).await.unwrap();
+    let common::Backend::Postgres(dsn) = backend else {
+        unreachable!()
+    };
+    let pg = store::postgres::PgStore::open(&config, space())
+        .await
+        .unwrap();
     pg.migrate().await.unwrap();
     // 40 users x 1,000 random unit vectors, generated inside Postgres (seeded, so repeatable).
     let mut conn = sqlx::PgConnection::connect(&dsn).await.unwrap();
@@ -786,16 +790,23 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
         sqlx::query(sql).execute(&mut conn).await.unwrap();
     }
     pg.migrate().await.unwrap();
-    sqlx::query("ANALYZE memory_items").execute(&mut conn).await.unwrap();
-    let mine: Vec<(Uuid, Vec<f32>)> =
-        sqlx::query_as::<_, (Uuid, Vec<f32>)>("SELECT id, embedding::real[] FROM memory_items WHERE user_id = 'user7'")
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
+    sqlx::query("ANALYZE memory_items")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mine: Vec<(Uuid, Vec<f32>)> = sqlx::query_as::<_, (Uuid, Vec<f32>)>(
+        "SELECT id, embedding::real[] FROM memory_items WHERE user_id = 'user7'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
     assert_eq!(mine.len(), 1000);
 
     let plan = pg.explain_search("user7", &mine[0].1, 10).await.unwrap();
-    assert!(plan.contains("idx_memory_embedding"), "HNSW index not used:\n{plan}");
+    assert!(
+        plan.contains("idx_memory_embedding"),
+        "HNSW index not used:\n{plan}"
+    );
 
     let mut state = 7u64;
     let mut next = move || {
@@ -809,11 +820,16 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
     for _ in 0..queries {
         let mut q: Vec<f32> = (0..DIM).map(|_| next()).collect();
         normalize(&mut q);
-        let mut exact: Vec<(f32, Uuid)> =
-            mine.iter().map(|(id, v)| (memu_worker::model::dot(v, &q), *id)).collect();
+        let mut exact: Vec<(f32, Uuid)> = mine
+            .iter()
+            .map(|(id, v)| (memu_worker::model::dot(v, &q), *id))
+            .collect();
         exact.sort_by(|a, b| b.0.total_cmp(&a.0));
         let truth: HashSet<Uuid> = exact.iter().take(10).map(|(_, id)| *id).collect();
-        let got = pg.search_items("user7", &q, &ItemFilter::default(), 10).await.unwrap();
+        let got = pg
+            .search_items("user7", &q, &ItemFilter::default(), 10)
+            .await
+            .unwrap();
         assert_eq!(got.len(), 10, "the filtered scan returned too few rows");
         assert!(got.iter().all(|h| h.item.user_id == "user7"));
         recall_sum += got.iter().filter(|h| truth.contains(&h.item.id)).count() as f64 / 10.0;

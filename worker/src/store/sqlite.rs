@@ -360,7 +360,11 @@ impl MemoryStore for SqliteStore {
             sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success")
                 .fetch_all(&self.pool)
                 .await
-                .map_err(|_| StoreError::NotReady("migrations have not been applied; run `memu-worker migrate`".into()))?;
+                .map_err(|_| {
+                    StoreError::NotReady(
+                        "migrations have not been applied; run `memu-worker migrate`".into(),
+                    )
+                })?;
         if let Some(missing) = MIGRATOR
             .iter()
             .find(|m| !applied.iter().any(|(v,)| *v == m.version))
