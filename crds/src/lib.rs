@@ -4,3 +4,6 @@
 //! into the ConfigMap it mounts, so both sides agree on one serde type with one set of defaults.
 
 pub mod worker;
+
+#[cfg(feature = "kube")]
+pub mod cluster;

@@ -1,0 +1,298 @@
+//! The `MemUCluster` custom resource (`memu.dev/v1alpha1`): one memU service per object.
+//!
+//! The schema carries the validation the API server enforces (OpenAPI types plus CEL rules), so
+//! a bad spec is rejected at `kubectl apply` time with a readable message; the tier fills in
+//! defaults that every field can override.
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Sizing from the requirements: users, request rate and the resulting defaults.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// ≈1K users, 10–20 req/s: one replica, SQLite allowed.
+    #[default]
+    Small,
+    /// ≈10K users, 100–200 req/s: Postgres, autoscaled api and pipeline.
+    Medium,
+    /// 100K+ users, 1000+ req/s: Citus, wide autoscaling.
+    Large,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// Embedded SQLite on a volume: both roles in one StatefulSet replica.
+    #[default]
+    Sqlite,
+    /// One Postgres primary.
+    Single,
+    /// A primary plus read replicas (retrieve reads from the replicas).
+    Replicas,
+    /// A Citus coordinator and workers, tables distributed by user_id.
+    Citus,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum DeletionPolicy {
+    /// Deleting the MemUCluster never deletes data or the database (default).
+    #[default]
+    Retain,
+    /// Deleting the MemUCluster deletes its database objects and volumes too.
+    Delete,
+}
+
+/// A key of a Secret in the MemUCluster's namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    #[serde(default)]
+    pub topology: Topology,
+    /// An existing database: Secret keys holding the DSNs.
+    pub external: Option<ExternalDatabase>,
+    /// A database the operator creates (CloudNativePG for single/replicas, StatefulSets for Citus).
+    pub managed: Option<ManagedDatabase>,
+    /// Volume size of the SQLite topology.
+    pub storage_size: Option<String>,
+    pub storage_class_name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalDatabase {
+    /// Secret key holding the primary DSN (postgres://...).
+    pub primary: SecretKeyRef,
+    /// Secret key holding a read-replica DSN.
+    pub read: Option<SecretKeyRef>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedDatabase {
+    /// Postgres instances (1 = primary only; topology replicas needs 2 or more).
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 9").message("instances must be between 1 and 9"))]
+    pub instances: Option<i32>,
+    /// Citus worker count (shards); the seed's default is 10.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 128").message("shards must be between 1 and 128"))]
+    pub shards: Option<i32>,
+    pub storage_size: Option<String>,
+    pub storage_class_name: Option<String>,
+    /// Postgres image with pgvector (and Citus for that topology).
+    pub image: Option<String>,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum VectorBackend {
+    #[default]
+    Pgvector,
+    Embedded,
+    Milvus,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    #[default]
+    None,
+    Int8,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VectorSpec {
+    pub backend: Option<VectorBackend>,
+    pub dimension: Option<i32>,
+    pub hnsw_m: Option<i32>,
+    pub hnsw_ef_construction: Option<i32>,
+    pub hnsw_ef_search: Option<i32>,
+    pub quantization: Option<Quantization>,
+    pub milvus: Option<MilvusSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MilvusSpec {
+    pub endpoint: String,
+    pub token_secret: Option<SecretKeyRef>,
+}
+
+/// A model provider for one pipeline role. Keys live in Secrets, never in the spec.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.apiKey)").message("inline API keys are not allowed: store the key in a Secret and reference it with apiKeySecret"))]
+pub struct ProviderSpec {
+    /// openai, grok, qwen, doubao, openrouter, voyage or local.
+    pub provider: memu_provider::Preset,
+    pub model: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key_secret: Option<SecretKeyRef>,
+    /// Never set: present only so that an inline key is rejected with a clear message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+}
+
+/// Re-exported preset names so the CRD schema lists them as an enum.
+pub mod memu_provider {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(
+        Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+    )]
+    #[serde(rename_all = "lowercase")]
+    pub enum Preset {
+        #[default]
+        Openai,
+        Grok,
+        Qwen,
+        Doubao,
+        Openrouter,
+        Voyage,
+        Local,
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmSpec {
+    pub extraction: Option<ProviderSpec>,
+    pub categorization: Option<ProviderSpec>,
+    pub retrieval: Option<ProviderSpec>,
+    pub embedding: Option<ProviderSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed maxReplicas"))]
+pub struct Autoscaling {
+    #[x_kube(validation = Rule::new("self >= 1").message("minReplicas must be at least 1"))]
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    /// Average CPU utilisation the HPA aims for (the seed recommends 60–70).
+    #[x_kube(validation = Rule::new("self >= 10 && self <= 95").message("targetCPUUtilizationPercentage must be between 10 and 95"))]
+    #[serde(rename = "targetCPUUtilizationPercentage")]
+    pub target_cpu_utilization_percentage: Option<i32>,
+}
+
+/// One workload (api or pipeline).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both"))]
+pub struct WorkloadSpec {
+    #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
+    pub replicas: Option<i32>,
+    pub autoscaling: Option<Autoscaling>,
+    pub resources: Option<ResourceRequirements>,
+    pub node_selector: Option<BTreeMap<String, String>>,
+    pub tolerations: Option<Vec<Toleration>>,
+    pub affinity: Option<Affinity>,
+}
+
+/// Desired state of a memU service.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "memu.dev",
+    version = "v1alpha1",
+    kind = "MemUCluster",
+    plural = "memuclusters",
+    shortname = "memu",
+    namespaced,
+    status = "MemUClusterStatus",
+    derive = "PartialEq",
+    doc = "A memU memory service: API and pipeline workloads, their database and model providers.",
+    printcolumn(name = "Tier", type_ = "string", json_path = ".spec.tier"),
+    printcolumn(
+        name = "Topology",
+        type_ = "string",
+        json_path = ".spec.database.topology"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "API",
+        type_ = "string",
+        json_path = ".status.api.summary",
+        description = "ready/desired api replicas"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    scale(
+        spec_replicas_path = ".spec.api.replicas",
+        status_replicas_path = ".status.api.readyReplicas",
+        label_selector_path = ".status.api.selector"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.database) || self.database.topology != 'sqlite' || ((!has(self.api) || !has(self.api.autoscaling)) && (!has(self.pipeline) || !has(self.pipeline.autoscaling)))").message("topology sqlite runs a single replica: autoscaling needs a shared database (topology single, replicas or citus)"))]
+#[x_kube(validation = Rule::new("!has(self.database) || self.database.topology != 'citus' || has(self.database.external) || (has(self.database.managed) && has(self.database.managed.shards))").message("topology citus needs database.managed.shards (the seed's default is 10) or an external database"))]
+#[x_kube(validation = Rule::new("!has(self.database) || !(has(self.database.external) && has(self.database.managed))").message("set either database.external or database.managed, not both"))]
+pub struct MemUClusterSpec {
+    pub tier: Tier,
+    /// memu-worker image.
+    pub image: Option<String>,
+    pub image_pull_policy: Option<String>,
+    #[serde(default)]
+    pub database: DatabaseSpec,
+    #[serde(default)]
+    pub vector: VectorSpec,
+    #[serde(default)]
+    pub llm: LlmSpec,
+    #[serde(default)]
+    pub api: WorkloadSpec,
+    #[serde(default)]
+    pub pipeline: WorkloadSpec,
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Stop reconciling: children are left exactly as they are.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Observed state, kstatus-compatible (Argo CD and Flux read `Ready`/`Reconciling`/`Stalled`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemUClusterStatus {
+    /// Pending, Provisioning, Ready, Degraded, Failed or Paused.
+    pub phase: Option<String>,
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    pub api: Option<WorkloadStatus>,
+    pub pipeline: Option<WorkloadStatus>,
+    /// In-cluster URL of the API service.
+    pub endpoint: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    pub desired_replicas: i32,
+    pub ready_replicas: i32,
+    /// `ready/desired`, for the printer column.
+    pub summary: String,
+    /// Label selector of the pods, for the scale subresource.
+    pub selector: String,
+}
