@@ -28,6 +28,11 @@ dsn=$(bash e2e/scripts/start-postgres.sh "$state/pg")
 cleanup() { bash e2e/scripts/stop-postgres.sh "$state/pg" || true; }
 trap cleanup EXIT
 
+log "generated CRD YAML is current"
+cargo run -q --locked -p memu-crds --bin crdgen > "$state/memucluster.yaml"
+diff -u crds/yaml/memucluster.yaml "$state/memucluster.yaml" \
+  || { echo "crds/yaml/memucluster.yaml is stale: run cargo run -p memu-crds --bin crdgen > crds/yaml/memucluster.yaml" >&2; exit 1; }
+
 log "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -221,24 +221,11 @@ pub struct WorkloadSpec {
     status = "MemUClusterStatus",
     derive = "PartialEq",
     doc = "A memU memory service: API and pipeline workloads, their database and model providers.",
-    printcolumn(name = "Tier", type_ = "string", json_path = ".spec.tier"),
-    printcolumn(
-        name = "Topology",
-        type_ = "string",
-        json_path = ".spec.database.topology"
-    ),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "API",
-        type_ = "string",
-        json_path = ".status.api.summary",
-        description = "ready/desired api replicas"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
+    printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
+    printcolumn = r#"{"name":"Topology","type":"string","jsonPath":".spec.database.topology"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"API","type":"string","jsonPath":".status.api.summary","description":"ready/desired api replicas"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     scale(
         spec_replicas_path = ".spec.api.replicas",
         status_replicas_path = ".status.api.readyReplicas",

@@ -92,6 +92,8 @@ impl OpenAiClient {
         profile: &ProviderProfile,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        // reqwest is built without a bundled crypto provider: make sure the process has one.
+        crate::server::install_crypto_provider();
         let api_key_env = profile.api_key_env();
         let api_key = read_secret_string(&api_key_env, profile.api_key_file.as_deref())?;
         let http = reqwest::Client::builder()
