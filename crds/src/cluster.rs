@@ -63,8 +63,8 @@ pub struct SecretKeyRef {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
-    #[serde(default)]
-    pub topology: Topology,
+    /// Defaults from the tier: small → sqlite, medium → single, large → citus.
+    pub topology: Option<Topology>,
     /// An existing database: Secret keys holding the DSNs.
     pub external: Option<ExternalDatabase>,
     /// A database the operator creates (CloudNativePG for single/replicas, StatefulSets for Citus).
@@ -233,8 +233,8 @@ pub struct WorkloadSpec {
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.database) || self.database.topology != 'sqlite' || ((!has(self.api) || !has(self.api.autoscaling)) && (!has(self.pipeline) || !has(self.pipeline.autoscaling)))").message("topology sqlite runs a single replica: autoscaling needs a shared database (topology single, replicas or citus)"))]
-#[x_kube(validation = Rule::new("!has(self.database) || self.database.topology != 'citus' || has(self.database.external) || (has(self.database.managed) && has(self.database.managed.shards))").message("topology citus needs database.managed.shards (the seed's default is 10) or an external database"))]
+#[x_kube(validation = Rule::new("(has(self.database) && has(self.database.topology) ? self.database.topology : (self.tier == 'small' ? 'sqlite' : (self.tier == 'medium' ? 'single' : 'citus'))) != 'sqlite' || ((!has(self.api) || !has(self.api.autoscaling)) && (!has(self.pipeline) || !has(self.pipeline.autoscaling)))").message("topology sqlite runs a single replica: autoscaling needs a shared database (topology single, replicas or citus)"))]
+#[x_kube(validation = Rule::new("(has(self.database) && has(self.database.topology) ? self.database.topology : (self.tier == 'small' ? 'sqlite' : (self.tier == 'medium' ? 'single' : 'citus'))) != 'citus' || (has(self.database) && (has(self.database.external) || (has(self.database.managed) && has(self.database.managed.shards))))").message("topology citus needs database.managed.shards (the seed's default is 10) or an external database"))]
 #[x_kube(validation = Rule::new("!has(self.database) || !(has(self.database.external) && has(self.database.managed))").message("set either database.external or database.managed, not both"))]
 pub struct MemUClusterSpec {
     pub tier: Tier,
@@ -282,4 +282,15 @@ pub struct WorkloadStatus {
     pub summary: String,
     /// Label selector of the pods, for the scale subresource.
     pub selector: String,
+}
+
+impl MemUClusterSpec {
+    /// The database topology: as given, else the tier's.
+    pub fn topology(&self) -> Topology {
+        self.database.topology.unwrap_or(match self.tier {
+            Tier::Small => Topology::Sqlite,
+            Tier::Medium => Topology::Single,
+            Tier::Large => Topology::Citus,
+        })
+    }
 }

@@ -3,7 +3,7 @@
 # $MEMU_K8S_HOME (default ~/.cache/memu/k8s):
 #   etcd                                        Debian trixie's etcd-server package, unpacked with dpkg -x
 #   kube-apiserver, kube-controller-manager,    built with Go from the k8s.io/kubernetes module
-#   kubectl                                     (staging modules replaced by their published v0.x)
+#   kube-scheduler, kubectl                                     (staging modules replaced by their published v0.x)
 #   kwok                                        sigs.k8s.io/kwok: simulated nodes so pods become Running
 # Prints the bin directory. A rerun with everything built takes well under a second.
 set -euo pipefail
@@ -48,7 +48,7 @@ SRC
 fi
 
 # Kubernetes binaries from the k8s.io/kubernetes module.
-if ! have kube-apiserver "$K8S_VERSION" || ! have kube-controller-manager "$K8S_VERSION" || ! have kubectl "$K8S_VERSION"; then
+if ! have kube-apiserver "$K8S_VERSION" || ! have kube-controller-manager "$K8S_VERSION" || ! have kube-scheduler "$K8S_VERSION" || ! have kubectl "$K8S_VERSION"; then
   mod="$home/build-$K8S_VERSION"
   mkdir -p "$mod"
   staging="v0.${K8S_VERSION#v1.}"
@@ -65,10 +65,10 @@ if ! have kube-apiserver "$K8S_VERSION" || ! have kube-controller-manager "$K8S_
       # Every staging module the kubernetes go.mod points at ./staging is replaced by its release.
       grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="$staging" '{ print "replace " $1 " => " $1 " " v }'
     } > "$mod/go.mod"
-    printf 'package main\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver/app"\n\t_ "k8s.io/kubernetes/cmd/kube-controller-manager/app"\n\t_ "k8s.io/kubectl/pkg/cmd"\n)\n\nfunc main() {}\n' > "$mod/deps.go"
+    printf 'package main\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver/app"\n\t_ "k8s.io/kubernetes/cmd/kube-controller-manager/app"\n\t_ "k8s.io/kubernetes/cmd/kube-scheduler/app"\n\t_ "k8s.io/kubectl/pkg/cmd"\n)\n\nfunc main() {}\n' > "$mod/deps.go"
   fi
   ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)"
-  for cmd in kube-apiserver kube-controller-manager kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
     have "$cmd" "$K8S_VERSION" && continue
     log "go build $cmd $K8S_VERSION (first build takes a while; the Go build cache keeps it)"
     (cd "$mod" && go build -p 2 -trimpath -ldflags "$ldflags" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd")

@@ -41,6 +41,7 @@ EXT
   cert apiserver "/CN=kube-apiserver" "$pki/server.ext"
   cert admin "/O=system:masters/CN=memu-e2e-admin"
   cert controller-manager "/CN=system:kube-controller-manager"
+  cert scheduler "/CN=system:kube-scheduler"
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 fi
@@ -87,6 +88,7 @@ KC
 }
 kubeconfig_for "$state/kubeconfig.tmp" admin
 kubeconfig_for "$state/controller-manager.kubeconfig" controller-manager
+kubeconfig_for "$state/scheduler.kubeconfig" scheduler
 
 for _ in $(seq 1 120); do
   "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" get --raw /readyz >/dev/null 2>&1 && break
@@ -105,6 +107,13 @@ nohup "$bin/kube-controller-manager" --kubeconfig "$state/controller-manager.kub
   --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
   > "$state/logs/kube-controller-manager.log" 2>&1 &
 echo $! > "$state/run/kube-controller-manager.pid"
+
+log "kube-scheduler"
+nohup "$bin/kube-scheduler" --kubeconfig "$state/scheduler.kubeconfig" \
+  --authentication-kubeconfig "$state/scheduler.kubeconfig" --authorization-kubeconfig "$state/scheduler.kubeconfig" \
+  --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
+  > "$state/logs/kube-scheduler.log" 2>&1 &
+echo $! > "$state/run/kube-scheduler.pid"
 
 log "kwok with fake nodes"
 nohup "$bin/kwok" --kubeconfig "$state/kubeconfig.tmp" --manage-all-nodes=false \

@@ -2,7 +2,7 @@
 # Stops what start.sh started in STATE_DIR.
 set -euo pipefail
 state=${1:?usage: stop.sh STATE_DIR}
-for p in kwok kube-controller-manager kube-apiserver etcd; do
+for p in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   f="$state/run/$p.pid"
   [ -f "$f" ] || continue
   pid=$(cat "$f")

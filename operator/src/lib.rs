@@ -1,0 +1,6 @@
+//! memU operator: reconciles MemUCluster objects into the memU service's Kubernetes objects.
+
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod render;

@@ -1,0 +1,85 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use clap::Parser;
+use memu_operator::leader::LeaderElector;
+use memu_operator::metrics::OperatorMetrics;
+use memu_operator::reconcile::{self, Context};
+
+/// memU operator: reconciles MemUClusters.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address of /metrics and /healthz.
+    #[arg(
+        long,
+        env = "MEMU_OPERATOR_METRICS_ADDR",
+        default_value = "0.0.0.0:8081"
+    )]
+    metrics_addr: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "memu-operator")]
+    lease_name: String,
+    /// Identity in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    // One crypto provider for the whole process (kube's client panics with two).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let identity = args
+        .identity
+        .unwrap_or_else(|| format!("memu-operator-{}", std::process::id()));
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(OperatorMetrics::default());
+
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get({
+                let metrics = metrics.clone();
+                move || async move { metrics.encode() }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let lease = Duration::from_secs(args.lease_seconds);
+    let elector = LeaderElector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+        lease,
+    );
+    tracing::info!(%identity, "waiting for leadership");
+    elector.acquire(lease / 3).await;
+    metrics.leader.set(1);
+    tracing::info!(%identity, "leading: reconciling MemUClusters");
+    let ctx = Arc::new(Context::new(client, metrics));
+    tokio::select! {
+        _ = reconcile::run(ctx) => tracing::info!("controller stopped"),
+        _ = elector.keep(lease / 3) => {
+            // Another replica may lead now: stop writing at once and let Kubernetes restart us.
+            tracing::error!("lost the leader lease; exiting");
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}

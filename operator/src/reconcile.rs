@@ -1,0 +1,639 @@
+//! The reconciler: observe → render (pure) → server-side apply → orphan cleanup → status.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use memu_crds::cluster::{
+    DeletionPolicy, MemUCluster, MemUClusterStatus, Topology, WorkloadStatus,
+};
+
+use crate::metrics::OperatorMetrics;
+use crate::render::{self, CLUSTER_LABEL, Capabilities, Desired, MANAGER, SpecError};
+
+const FINALIZER: &str = "memu.dev/cleanup";
+const PERIODIC: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<OperatorMetrics>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<OperatorMetrics>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+        }
+    }
+}
+
+/// Runs the controller until the stream ends (or the process is told to stop).
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let clusters = Api::<MemUCluster>::all(client.clone());
+    let owned = watcher::Config::default().labels(CLUSTER_LABEL);
+    Controller::new(clusters, watcher::Config::default())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(Api::<Job>::all(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile stream item");
+            }
+        })
+        .await;
+}
+
+fn error_policy(cluster: Arc<MemUCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %cluster.name_any(), %error, "reconcile failed");
+    ctx.metrics.errors.inc();
+    Action::requeue(Duration::from_secs(15))
+}
+
+pub async fn reconcile(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = cluster.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<MemUCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = if cluster.spec.deletion_policy == DeletionPolicy::Delete
+        || cluster.finalizers().iter().any(|f| f == FINALIZER)
+    {
+        finalizer(&api, FINALIZER, cluster, |event| async {
+            match event {
+                Finalizer::Apply(c) => apply(c, ctx.clone()).await,
+                Finalizer::Cleanup(c) => cleanup(c, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(e.to_string()))
+    } else {
+        apply(cluster, ctx.clone()).await
+    };
+    ctx.metrics.observe(started.elapsed(), result.is_ok());
+    result
+}
+
+async fn capabilities(client: &Client) -> Result<Capabilities, Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    Ok(Capabilities {
+        cnpg: crds.get_opt("clusters.postgresql.cnpg.io").await?.is_some(),
+        service_monitor: crds
+            .get_opt("servicemonitors.monitoring.coreos.com")
+            .await?
+            .is_some(),
+    })
+}
+
+async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let ns = cluster.namespace().unwrap_or_else(|| "default".into());
+    let name = cluster.name_any();
+    let generation = cluster.metadata.generation;
+    if cluster.spec.paused {
+        let mut status = cluster.status.clone().unwrap_or_default();
+        status.phase = Some("Paused".into());
+        set_condition(
+            &mut status.conditions,
+            "Reconciling",
+            "False",
+            "Paused",
+            "spec.paused is true: children are left as they are",
+            generation,
+        );
+        patch_status(client, &ns, &name, &status, generation).await?;
+        return Ok(Action::requeue(PERIODIC));
+    }
+    let caps = capabilities(client).await?;
+    let desired = match render::desired(&cluster, caps) {
+        Ok(d) => d,
+        Err(SpecError { reason, message }) => {
+            let mut status = cluster.status.clone().unwrap_or_default();
+            status.phase = Some("Failed".into());
+            set_condition(
+                &mut status.conditions,
+                "Stalled",
+                "True",
+                reason,
+                &message,
+                generation,
+            );
+            set_condition(
+                &mut status.conditions,
+                "Ready",
+                "False",
+                reason,
+                &message,
+                generation,
+            );
+            set_condition(
+                &mut status.conditions,
+                "Reconciling",
+                "False",
+                reason,
+                &message,
+                generation,
+            );
+            patch_status(client, &ns, &name, &status, generation).await?;
+            publish(&ctx, &cluster, EventType::Warning, reason, &message).await;
+            return Ok(Action::requeue(PERIODIC));
+        }
+    };
+    let changed = apply_all(client, &ns, &desired).await?;
+    let removed = remove_orphans(client, &ns, &name, &desired).await?;
+    if changed + removed > 0 {
+        publish(
+            &ctx,
+            &cluster,
+            EventType::Normal,
+            "Applied",
+            &format!("applied {changed} changed and removed {removed} stale child objects"),
+        )
+        .await;
+    }
+    let status = observe(client, &ns, &cluster, &desired, caps).await?;
+    patch_status(client, &ns, &name, &status, generation).await?;
+    let ready = status.phase.as_deref() == Some("Ready");
+    Ok(Action::requeue(if ready {
+        PERIODIC
+    } else {
+        Duration::from_secs(10)
+    }))
+}
+
+async fn publish(ctx: &Context, cluster: &MemUCluster, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &cluster.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish event");
+    }
+}
+
+/// Server-side applies one object; true when the server's copy changed.
+async fn ssa<K>(client: &Client, ns: &str, object: &K) -> Result<bool, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = object.meta().name.clone().unwrap_or_default();
+    let before = api
+        .get_opt(&name)
+        .await?
+        .and_then(|o| o.meta().resource_version.clone());
+    let after = api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await?;
+    Ok(before != after.meta().resource_version)
+}
+
+async fn apply_all(client: &Client, ns: &str, d: &Desired) -> Result<usize, Error> {
+    let mut changed = 0;
+    if let Some(sa) = &d.service_account {
+        changed += ssa(client, ns, sa).await? as usize;
+    }
+    if let Some(cm) = &d.config_map {
+        changed += ssa(client, ns, cm).await? as usize;
+    }
+    for o in &d.services {
+        changed += ssa(client, ns, o).await? as usize;
+    }
+    for o in &d.jobs {
+        // Jobs are immutable once created: apply only when absent.
+        let api: Api<Job> = Api::namespaced(client.clone(), ns);
+        if api
+            .get_opt(o.meta().name.as_deref().unwrap_or_default())
+            .await?
+            .is_none()
+        {
+            changed += ssa(client, ns, o).await? as usize;
+        }
+    }
+    for o in &d.stateful_sets {
+        changed += ssa(client, ns, o).await? as usize;
+    }
+    for o in &d.deployments {
+        changed += ssa(client, ns, o).await? as usize;
+    }
+    for o in &d.hpas {
+        changed += ssa(client, ns, o).await? as usize;
+    }
+    for o in &d.pdbs {
+        changed += ssa(client, ns, o).await? as usize;
+    }
+    for (ar, o) in &d.dynamic {
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, ar);
+        let name = o.metadata.name.clone().unwrap_or_default();
+        let before = api
+            .get_opt(&name)
+            .await?
+            .and_then(|x| x.metadata.resource_version);
+        let after = api
+            .patch(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(o),
+            )
+            .await?;
+        changed += (before != after.metadata.resource_version) as usize;
+    }
+    Ok(changed)
+}
+
+/// Deletes children of this cluster (by label) that the spec no longer wants.
+async fn remove_orphans(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    d: &Desired,
+) -> Result<usize, Error> {
+    async fn sweep<K>(
+        client: &Client,
+        ns: &str,
+        name: &str,
+        keep: BTreeSet<String>,
+    ) -> Result<usize, Error>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
+        let mut removed = 0;
+        for o in api
+            .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")))
+            .await?
+        {
+            let n = o.meta().name.clone().unwrap_or_default();
+            // Only what this operator manages: it carries our managed-by label.
+            let ours = o
+                .meta()
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+                .is_some_and(|m| m == MANAGER);
+            if ours && !keep.contains(&n) {
+                api.delete(&n, &DeleteParams::background()).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+    fn names<K: Resource>(objects: &[K]) -> BTreeSet<String> {
+        objects
+            .iter()
+            .filter_map(|o| o.meta().name.clone())
+            .collect()
+    }
+    let mut removed = 0;
+    removed += sweep::<Deployment>(client, ns, name, names(&d.deployments)).await?;
+    removed += sweep::<StatefulSet>(client, ns, name, names(&d.stateful_sets)).await?;
+    removed += sweep::<Service>(client, ns, name, names(&d.services)).await?;
+    removed += sweep::<HorizontalPodAutoscaler>(client, ns, name, names(&d.hpas)).await?;
+    removed += sweep::<PodDisruptionBudget>(client, ns, name, names(&d.pdbs)).await?;
+    removed += sweep::<Job>(client, ns, name, names(&d.jobs)).await?;
+    removed += sweep::<ConfigMap>(
+        client,
+        ns,
+        name,
+        d.config_map
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect(),
+    )
+    .await?;
+    removed += sweep::<ServiceAccount>(
+        client,
+        ns,
+        name,
+        d.service_account
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect(),
+    )
+    .await?;
+    Ok(removed)
+}
+
+/// Deletion with `deletionPolicy: Delete`: the database and the data volumes go too.
+async fn cleanup(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = cluster.namespace().unwrap_or_else(|| "default".into());
+    let name = cluster.name_any();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    pvcs.delete_collection(
+        &DeleteParams::background(),
+        &ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")),
+    )
+    .await?;
+    if capabilities(&ctx.client).await?.cnpg {
+        let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "postgresql.cnpg.io",
+            "v1",
+            "Cluster",
+        ));
+        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
+        if api.get_opt(&render::cnpg_name(&cluster)).await?.is_some() {
+            api.delete(&render::cnpg_name(&cluster), &DeleteParams::background())
+                .await?;
+        }
+    }
+    publish(
+        &ctx,
+        &cluster,
+        EventType::Normal,
+        "Deleted",
+        "deletionPolicy Delete: removed the database and data volumes",
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+fn workload_status(
+    cluster: &MemUCluster,
+    component: &str,
+    desired: i32,
+    ready: i32,
+) -> WorkloadStatus {
+    WorkloadStatus {
+        desired_replicas: desired,
+        ready_replicas: ready,
+        summary: format!("{ready}/{desired}"),
+        selector: render::selector_string(cluster, component),
+    }
+}
+
+/// Reads the children back and computes phase and conditions.
+async fn observe(
+    client: &Client,
+    ns: &str,
+    cluster: &MemUCluster,
+    d: &Desired,
+    caps: Capabilities,
+) -> Result<MemUClusterStatus, Error> {
+    let generation = cluster.metadata.generation;
+    let mut status = cluster.status.clone().unwrap_or_default();
+    let mut all_ready = true;
+    let mut degraded = Vec::new();
+    if let Some(sts) = d.stateful_sets.first() {
+        let live = Api::<StatefulSet>::namespaced(client.clone(), ns)
+            .get_opt(sts.metadata.name.as_deref().unwrap_or_default())
+            .await?;
+        let want = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let ready = live
+            .and_then(|s| s.status)
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        all_ready &= ready >= want;
+        status.api = Some(workload_status(cluster, "worker", want, ready));
+        status.pipeline = Some(workload_status(cluster, "worker", want, ready));
+    }
+    for dep in &d.deployments {
+        let n = dep.metadata.name.clone().unwrap_or_default();
+        let live = Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt(&n)
+            .await?;
+        let live_status = live
+            .as_ref()
+            .and_then(|l| l.status.clone())
+            .unwrap_or_default();
+        let want = dep
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .or_else(|| {
+                live.as_ref()
+                    .and_then(|l| l.spec.as_ref())
+                    .and_then(|s| s.replicas)
+            })
+            .unwrap_or(1);
+        let ready = live_status.ready_replicas.unwrap_or(0);
+        let updated = live_status.updated_replicas.unwrap_or(0);
+        all_ready &= ready >= want && updated >= want;
+        if ready < want && ready > 0 {
+            degraded.push(format!("{n}: {ready}/{want} ready"));
+        }
+        let component = if n.ends_with("-api") {
+            "api"
+        } else {
+            "pipeline"
+        };
+        let ws = workload_status(cluster, component, want, ready);
+        if component == "api" {
+            status.api = Some(ws)
+        } else {
+            status.pipeline = Some(ws)
+        }
+    }
+    let (db_ready, db_reason, db_message) = match cluster.spec.topology() {
+        Topology::Sqlite => (
+            true,
+            "Embedded",
+            "SQLite on the worker's volume".to_string(),
+        ),
+        _ if cluster.spec.database.external.is_some() => (
+            true,
+            "External",
+            "external database referenced by Secret".to_string(),
+        ),
+        _ if caps.cnpg => {
+            let (ar, obj) = d
+                .dynamic
+                .iter()
+                .find(|(ar, _)| ar.kind == "Cluster")
+                .expect("managed database rendered");
+            let live = Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), ns, ar)
+                .get_opt(obj.metadata.name.as_deref().unwrap_or_default())
+                .await?;
+            let want = obj.data["spec"]["instances"].as_i64().unwrap_or(1);
+            let ready = live
+                .and_then(|l| l.data["status"]["readyInstances"].as_i64())
+                .unwrap_or(0);
+            (
+                ready >= want,
+                if ready >= want {
+                    "ClusterReady"
+                } else {
+                    "ClusterNotReady"
+                },
+                format!("CloudNativePG cluster {ready}/{want} instances ready"),
+            )
+        }
+        _ => (
+            false,
+            "CloudNativePGMissing",
+            "CloudNativePG is not installed".to_string(),
+        ),
+    };
+    set_condition(
+        &mut status.conditions,
+        "DatabaseReady",
+        if db_ready { "True" } else { "False" },
+        db_reason,
+        &db_message,
+        generation,
+    );
+    let ready = all_ready && db_ready;
+    status.phase = Some(
+        if ready {
+            "Ready"
+        } else if !degraded.is_empty() {
+            "Degraded"
+        } else {
+            "Provisioning"
+        }
+        .into(),
+    );
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        if ready { "True" } else { "False" },
+        if ready {
+            "AllReplicasReady"
+        } else {
+            "Progressing"
+        },
+        if ready {
+            "all workloads ready"
+        } else {
+            "waiting for workloads and database"
+        },
+        generation,
+    );
+    set_condition(
+        &mut status.conditions,
+        "Reconciling",
+        if ready { "False" } else { "True" },
+        if ready { "Reconciled" } else { "Progressing" },
+        "children applied",
+        generation,
+    );
+    set_condition(
+        &mut status.conditions,
+        "Stalled",
+        "False",
+        "Reconciled",
+        "the spec can be realised",
+        generation,
+    );
+    set_condition(
+        &mut status.conditions,
+        "Degraded",
+        if degraded.is_empty() { "False" } else { "True" },
+        if degraded.is_empty() {
+            "AllAvailable"
+        } else {
+            "ReplicasUnavailable"
+        },
+        &if degraded.is_empty() {
+            "all workloads available".to_string()
+        } else {
+            degraded.join("; ")
+        },
+        generation,
+    );
+    status.endpoint = Some(format!("http://{}-api.{ns}.svc:8080", cluster.name_any()));
+    Ok(status)
+}
+
+/// Sets a condition, keeping `lastTransitionTime` when the status does not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = now;
+            }
+            c.status = status.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: now,
+        }),
+    }
+}
+
+async fn patch_status(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &MemUClusterStatus,
+    generation: Option<i64>,
+) -> Result<(), Error> {
+    let mut status = status.clone();
+    status.observed_generation = generation;
+    let api: Api<MemUCluster> = Api::namespaced(client.clone(), ns);
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}

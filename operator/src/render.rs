@@ -1,0 +1,818 @@
+//! Desired state: pure functions from a MemUCluster (and what the cluster offers) to every child
+//! object. No API calls here, so everything is unit-tested against the spec.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
+    StatefulSetSpec,
+};
+use k8s_openapi::api::autoscaling::v2::{
+    CrossVersionObjectReference, HorizontalPodAutoscaler, HorizontalPodAutoscalerSpec, MetricSpec,
+    MetricTarget, ResourceMetricSource,
+};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use memu_crds::cluster::{
+    DeletionPolicy, MemUCluster, ProviderSpec, SecretKeyRef, Tier, Topology, WorkloadSpec,
+    memu_provider::Preset,
+};
+use memu_crds::worker::{
+    DatabaseBackend, LogFormat, ProviderPreset, ProviderProfile, Role, WorkerConfig,
+};
+
+/// Field manager of every server-side apply.
+pub const MANAGER: &str = "memu-operator";
+/// Label that ties a child to its MemUCluster (orphan cleanup lists by it).
+pub const CLUSTER_LABEL: &str = "memu.dev/cluster";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+pub const CONFIG_HASH: &str = "memu.dev/config-hash";
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/memu-k8s/memu-worker:", env!("CARGO_PKG_VERSION"));
+const PORT: i32 = 8080;
+const CONFIG_PATH: &str = "/etc/memu/worker.yaml";
+const DATA_DIR: &str = "/var/lib/memu";
+/// Where the worker image keeps its local embedding model.
+const MODEL_DIR: &str = "/opt/memu/model";
+
+/// What the cluster offers beyond core Kubernetes (found by discovery).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// CloudNativePG's `postgresql.cnpg.io/v1` Cluster CRD is installed.
+    pub cnpg: bool,
+    /// prometheus-operator's `monitoring.coreos.com/v1` ServiceMonitor CRD is installed.
+    pub service_monitor: bool,
+}
+
+/// A spec the operator cannot realise, with the reason for the `Stalled` condition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct SpecError {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Every child object of one MemUCluster.
+#[derive(Clone, Debug, Default)]
+pub struct Desired {
+    pub service_account: Option<ServiceAccount>,
+    pub config_map: Option<ConfigMap>,
+    pub deployments: Vec<Deployment>,
+    pub stateful_sets: Vec<StatefulSet>,
+    pub services: Vec<Service>,
+    pub hpas: Vec<HorizontalPodAutoscaler>,
+    pub pdbs: Vec<PodDisruptionBudget>,
+    pub jobs: Vec<Job>,
+    /// CloudNativePG Cluster, ServiceMonitor.
+    pub dynamic: Vec<(ApiResource, DynamicObject)>,
+}
+
+/// Sizing a tier gives a workload unless the spec says otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierDefaults {
+    pub replicas: i32,
+    /// (min, max) of the HPA; `None` = fixed replicas.
+    pub autoscaling: Option<(i32, i32)>,
+    pub cpu_request: &'static str,
+    pub memory_request: &'static str,
+    pub cpu_limit: &'static str,
+    pub memory_limit: &'static str,
+}
+
+/// The seed's tiers: small 2–4 vCPU / 4–8 GB in one process; medium 8–16 vCPU / 16–32 GB over
+/// a few pods; large 64+ vCPU / 256+ GB.
+pub fn tier_defaults(tier: Tier, role: Role) -> TierDefaults {
+    match (tier, role) {
+        (Tier::Small, _) => TierDefaults {
+            replicas: 1,
+            autoscaling: None,
+            cpu_request: "1",
+            memory_request: "2Gi",
+            cpu_limit: "4",
+            memory_limit: "8Gi",
+        },
+        (Tier::Medium, Role::Pipeline) => TierDefaults {
+            replicas: 2,
+            autoscaling: Some((1, 6)),
+            cpu_request: "500m",
+            memory_request: "1Gi",
+            cpu_limit: "2",
+            memory_limit: "2Gi",
+        },
+        (Tier::Medium, _) => TierDefaults {
+            replicas: 3,
+            autoscaling: Some((2, 10)),
+            cpu_request: "500m",
+            memory_request: "1Gi",
+            cpu_limit: "2",
+            memory_limit: "2Gi",
+        },
+        (Tier::Large, Role::Pipeline) => TierDefaults {
+            replicas: 8,
+            autoscaling: Some((4, 40)),
+            cpu_request: "1",
+            memory_request: "2Gi",
+            cpu_limit: "4",
+            memory_limit: "4Gi",
+        },
+        (Tier::Large, _) => TierDefaults {
+            replicas: 12,
+            autoscaling: Some((6, 60)),
+            cpu_request: "1",
+            memory_request: "2Gi",
+            cpu_limit: "4",
+            memory_limit: "4Gi",
+        },
+    }
+}
+
+/// Default HPA CPU target: the seed asks for 60–70 %.
+pub const DEFAULT_CPU_TARGET: i32 = 65;
+
+fn name(cluster: &MemUCluster) -> String {
+    cluster.metadata.name.clone().unwrap_or_default()
+}
+
+pub fn labels(cluster: &MemUCluster, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "memu".to_string()),
+        ("app.kubernetes.io/instance".to_string(), name(cluster)),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+        (COMPONENT_LABEL.to_string(), component.to_string()),
+        (CLUSTER_LABEL.to_string(), name(cluster)),
+    ])
+}
+
+fn selector(cluster: &MemUCluster, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (CLUSTER_LABEL.to_string(), name(cluster)),
+        (COMPONENT_LABEL.to_string(), component.to_string()),
+    ])
+}
+
+/// The selector string of a component's pods (status and the scale subresource).
+pub fn selector_string(cluster: &MemUCluster, component: &str) -> String {
+    selector(cluster, component)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn owner(cluster: &MemUCluster) -> OwnerReference {
+    cluster
+        .controller_owner_ref(&())
+        .expect("a stored MemUCluster has a name and uid")
+}
+
+fn meta(cluster: &MemUCluster, object_name: String, component: &str, owned: bool) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(object_name),
+        namespace: cluster.metadata.namespace.clone(),
+        labels: Some(labels(cluster, component)),
+        owner_references: owned.then(|| vec![owner(cluster)]),
+        ..Default::default()
+    }
+}
+
+/// The worker's own configuration type, rendered from the spec.
+pub fn worker_config(cluster: &MemUCluster) -> Result<WorkerConfig, SpecError> {
+    let spec = &cluster.spec;
+    let mut config = WorkerConfig::default();
+    config.server.listen = format!("0.0.0.0:{PORT}");
+    config.logging.format = LogFormat::Json;
+    match spec.topology() {
+        Topology::Sqlite => {
+            config.database.backend = DatabaseBackend::Sqlite;
+            config.database.sqlite_path = format!("{DATA_DIR}/memu.db").into();
+            config.database.auto_migrate = true;
+        }
+        _ => {
+            config.database.backend = DatabaseBackend::Postgres;
+            // The migrations Job applies the schema before new pods serve.
+            config.database.auto_migrate = false;
+        }
+    }
+    let local = config.providers.get_mut("local").expect("built-in profile");
+    local.model_dir = Some(MODEL_DIR.into());
+    let vector = &spec.vector;
+    let embedding = spec.llm.embedding.as_ref();
+    config.vector.dimension = match (vector.dimension, embedding) {
+        (Some(d), _) => d as usize,
+        (None, None)
+        | (
+            None,
+            Some(ProviderSpec {
+                provider: Preset::Local,
+                ..
+            }),
+        ) => 384,
+        (None, Some(p)) if p.provider == Preset::Voyage => 1024,
+        (None, Some(_)) => 1536,
+    };
+    if let Some(m) = vector.hnsw_m {
+        config.vector.hnsw_m = m as u32;
+    }
+    if let Some(ef) = vector.hnsw_ef_construction {
+        config.vector.hnsw_ef_construction = ef as u32;
+    }
+    if let Some(ef) = vector.hnsw_ef_search {
+        config.vector.hnsw_ef_search = ef as u32;
+    }
+    let roles = [
+        ("embedding", embedding),
+        ("extraction", spec.llm.extraction.as_ref()),
+        ("categorization", spec.llm.categorization.as_ref()),
+        ("retrieval", spec.llm.retrieval.as_ref()),
+    ];
+    for (role, provider) in roles {
+        let Some(p) = provider else { continue };
+        let profile_name = if p.provider == Preset::Local {
+            "local".to_string()
+        } else {
+            role.to_string()
+        };
+        if p.provider != Preset::Local {
+            config.providers.insert(
+                role.to_string(),
+                ProviderProfile {
+                    preset: preset(p.provider),
+                    base_url: p.base_url.clone(),
+                    // The key arrives as an environment variable from the referenced Secret.
+                    api_key_env: Some(key_env(role)),
+                    chat_model: (role != "embedding").then(|| p.model.clone()).flatten(),
+                    embed_model: (role == "embedding").then(|| p.model.clone()).flatten(),
+                    ..Default::default()
+                },
+            );
+        }
+        match role {
+            "embedding" => config.embedding.provider = profile_name,
+            "extraction" => config.llm.extraction = Some(profile_name),
+            "categorization" => config.llm.categorization = Some(profile_name),
+            _ => config.llm.retrieval = Some(profile_name),
+        }
+    }
+    config.validate().map_err(|e| SpecError {
+        reason: "InvalidWorkerConfig",
+        message: e.to_string(),
+    })?;
+    Ok(config)
+}
+
+fn preset(p: Preset) -> ProviderPreset {
+    match p {
+        Preset::Openai => ProviderPreset::Openai,
+        Preset::Grok => ProviderPreset::Grok,
+        Preset::Qwen => ProviderPreset::Qwen,
+        Preset::Doubao => ProviderPreset::Doubao,
+        Preset::Openrouter => ProviderPreset::Openrouter,
+        Preset::Voyage => ProviderPreset::Voyage,
+        Preset::Local => ProviderPreset::Local,
+    }
+}
+
+fn key_env(role: &str) -> String {
+    format!("MEMU_{}_API_KEY", role.to_ascii_uppercase())
+}
+
+fn secret_env(name: &str, secret: &SecretKeyRef, optional: bool) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: optional.then_some(true),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Name of the CloudNativePG Cluster a managed database gets.
+pub fn cnpg_name(cluster: &MemUCluster) -> String {
+    format!("{}-db", name(cluster))
+}
+
+/// Environment of every worker container: DSNs and API keys, all from Secrets.
+fn worker_env(cluster: &MemUCluster) -> Vec<EnvVar> {
+    let spec = &cluster.spec;
+    let mut env = Vec::new();
+    if spec.topology() != Topology::Sqlite {
+        if let Some(external) = &spec.database.external {
+            env.push(secret_env("DATABASE_URL", &external.primary, false));
+            if let Some(read) = &external.read {
+                env.push(secret_env("DATABASE_READ_URL", read, false));
+            }
+        } else {
+            // CloudNativePG writes the application credentials into <cluster>-app.
+            let app = format!("{}-app", cnpg_name(cluster));
+            env.push(secret_env(
+                "DATABASE_URL",
+                &SecretKeyRef {
+                    name: app.clone(),
+                    key: "uri".into(),
+                },
+                false,
+            ));
+            if spec.topology() == Topology::Replicas {
+                for (var, key) in [
+                    ("DB_USER", "username"),
+                    ("DB_PASSWORD", "password"),
+                    ("DB_NAME", "dbname"),
+                ] {
+                    env.push(secret_env(
+                        var,
+                        &SecretKeyRef {
+                            name: app.clone(),
+                            key: key.into(),
+                        },
+                        false,
+                    ));
+                }
+                env.push(EnvVar {
+                    name: "DATABASE_READ_URL".into(),
+                    value: Some(format!(
+                        "postgres://$(DB_USER):$(DB_PASSWORD)@{}-ro:5432/$(DB_NAME)",
+                        cnpg_name(cluster)
+                    )),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    for (role, provider) in [
+        ("embedding", &spec.llm.embedding),
+        ("extraction", &spec.llm.extraction),
+        ("categorization", &spec.llm.categorization),
+        ("retrieval", &spec.llm.retrieval),
+    ] {
+        if let Some(ProviderSpec {
+            api_key_secret: Some(secret),
+            ..
+        }) = provider
+        {
+            env.push(secret_env(&key_env(role), secret, false));
+        }
+    }
+    env
+}
+
+fn resources(tier: Tier, role: Role, spec: &WorkloadSpec) -> ResourceRequirements {
+    if let Some(r) = &spec.resources {
+        return r.clone();
+    }
+    let d = tier_defaults(tier, role);
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), q(d.cpu_request)),
+            ("memory".into(), q(d.memory_request)),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".into(), q(d.cpu_limit)),
+            ("memory".into(), q(d.memory_limit)),
+        ])),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(10),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
+fn image(cluster: &MemUCluster) -> String {
+    cluster
+        .spec
+        .image
+        .clone()
+        .unwrap_or_else(|| DEFAULT_IMAGE.to_string())
+}
+
+fn container(
+    cluster: &MemUCluster,
+    role: Role,
+    args: Vec<String>,
+    workload: &WorkloadSpec,
+) -> Container {
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: "/etc/memu".into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if cluster.spec.topology() == Topology::Sqlite {
+        mounts.push(VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..Default::default()
+        });
+    }
+    let serving = args.first().is_some_and(|a| a == "serve");
+    Container {
+        name: "worker".into(),
+        image: Some(image(cluster)),
+        image_pull_policy: cluster.spec.image_pull_policy.clone(),
+        args: Some(args),
+        env: Some(
+            [EnvVar {
+                name: "MEMU_CONFIG".into(),
+                value: Some(CONFIG_PATH.into()),
+                ..Default::default()
+            }]
+            .into_iter()
+            .chain(worker_env(cluster))
+            .collect(),
+        ),
+        ports: serving.then(|| {
+            vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: PORT,
+                ..Default::default()
+            }]
+        }),
+        readiness_probe: serving.then(|| probe("/readyz")),
+        liveness_probe: serving.then(|| probe("/healthz")),
+        resources: Some(resources(cluster.spec.tier, role, workload)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+fn pod_template(
+    cluster: &MemUCluster,
+    component: &str,
+    role: Role,
+    workload: &WorkloadSpec,
+    config_hash: &str,
+) -> PodTemplateSpec {
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: format!("{}-config", name(cluster)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    if cluster.spec.topology() != Topology::Sqlite {
+        volumes.push(Volume {
+            name: "tmp".into(),
+            empty_dir: Some(Default::default()),
+            ..Default::default()
+        });
+    }
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(cluster, component)),
+            // A new configuration rolls the pods.
+            annotations: Some(BTreeMap::from([(
+                CONFIG_HASH.to_string(),
+                config_hash.to_string(),
+            )])),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(format!("{}-worker", name(cluster))),
+            automount_service_account_token: Some(false),
+            containers: vec![container(
+                cluster,
+                role,
+                vec!["serve".into(), "--role".into(), role.to_string()],
+                workload,
+            )],
+            volumes: Some(volumes),
+            node_selector: workload.node_selector.clone(),
+            tolerations: workload.tolerations.clone(),
+            affinity: workload.affinity.clone(),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65532),
+                fs_group: Some(65532),
+                ..Default::default()
+            }),
+            termination_grace_period_seconds: Some(45),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Replicas of a workload, `None` when an HPA owns the count (so operator and HPA never fight).
+pub fn replicas(tier: Tier, role: Role, workload: &WorkloadSpec) -> Option<i32> {
+    if autoscaling(tier, role, workload).is_some() {
+        return None;
+    }
+    Some(
+        workload
+            .replicas
+            .unwrap_or(tier_defaults(tier, role).replicas),
+    )
+}
+
+/// (min, max, cpu target) when the workload autoscales.
+pub fn autoscaling(tier: Tier, role: Role, workload: &WorkloadSpec) -> Option<(i32, i32, i32)> {
+    match (&workload.autoscaling, workload.replicas) {
+        (Some(a), _) => Some((
+            a.min_replicas,
+            a.max_replicas,
+            a.target_cpu_utilization_percentage
+                .unwrap_or(DEFAULT_CPU_TARGET),
+        )),
+        (None, Some(_)) => None,
+        (None, None) => tier_defaults(tier, role)
+            .autoscaling
+            .map(|(min, max)| (min, max, DEFAULT_CPU_TARGET)),
+    }
+}
+
+fn hash(data: &str) -> String {
+    hex::encode(Sha256::digest(data.as_bytes()))
+}
+
+/// Builds every child of the cluster.
+pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, SpecError> {
+    let spec = &cluster.spec;
+    let n = name(cluster);
+    let topology = spec.topology();
+    if topology == Topology::Citus && spec.database.external.is_none() {
+        return Err(SpecError {
+            reason: "CitusNotManaged",
+            message: "a managed Citus database is not provisioned by this operator version; \
+                      point database.external at a Citus coordinator"
+                .into(),
+        });
+    }
+    if matches!(topology, Topology::Single | Topology::Replicas)
+        && spec.database.external.is_none()
+        && !caps.cnpg
+    {
+        return Err(SpecError {
+            reason: "CloudNativePGMissing",
+            message: "a managed database needs the CloudNativePG operator (postgresql.cnpg.io/v1 Cluster CRD); \
+                      install it or set database.external"
+                .into(),
+        });
+    }
+    let config = worker_config(cluster)?;
+    let config_yaml = serde_norway::to_string(&config).expect("config serialises");
+    // The hash covers what pods read: configuration, image and the secret references.
+    let config_hash = hash(&format!(
+        "{config_yaml}{}{:?}",
+        image(cluster),
+        worker_env(cluster)
+    ));
+    let mut out = Desired {
+        service_account: Some(ServiceAccount {
+            metadata: meta(cluster, format!("{n}-worker"), "worker", true),
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        }),
+        config_map: Some(ConfigMap {
+            metadata: meta(cluster, format!("{n}-config"), "worker", true),
+            data: Some(BTreeMap::from([("worker.yaml".to_string(), config_yaml)])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let api_component = if topology == Topology::Sqlite {
+        "worker"
+    } else {
+        "api"
+    };
+    out.services.push(Service {
+        metadata: meta(cluster, format!("{n}-api"), api_component, true),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(cluster, api_component)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+
+    if topology == Topology::Sqlite {
+        // Both roles in one replica that owns the SQLite volume.
+        let workload = &spec.api;
+        let storage = spec
+            .database
+            .storage_size
+            .clone()
+            .unwrap_or_else(|| "10Gi".into());
+        out.stateful_sets.push(StatefulSet {
+            metadata: meta(cluster, format!("{n}-worker"), "worker", true),
+            spec: Some(StatefulSetSpec {
+                replicas: Some(workload.replicas.unwrap_or(1).min(1)),
+                service_name: Some(format!("{n}-api")),
+                selector: LabelSelector {
+                    match_labels: Some(selector(cluster, "worker")),
+                    ..Default::default()
+                },
+                template: pod_template(cluster, "worker", Role::All, workload, &config_hash),
+                volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                    metadata: ObjectMeta {
+                        name: Some("data".into()),
+                        labels: Some(labels(cluster, "worker")),
+                        ..Default::default()
+                    },
+                    spec: Some(PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".into()]),
+                        storage_class_name: spec.database.storage_class_name.clone(),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(BTreeMap::from([("storage".into(), Quantity(storage))])),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    } else {
+        for (component, role, workload) in [
+            ("api", Role::Api, &spec.api),
+            ("pipeline", Role::Pipeline, &spec.pipeline),
+        ] {
+            out.deployments.push(Deployment {
+                metadata: meta(cluster, format!("{n}-{component}"), component, true),
+                spec: Some(DeploymentSpec {
+                    replicas: replicas(spec.tier, role, workload),
+                    selector: LabelSelector {
+                        match_labels: Some(selector(cluster, component)),
+                        ..Default::default()
+                    },
+                    template: pod_template(cluster, component, role, workload, &config_hash),
+                    strategy: Some(DeploymentStrategy {
+                        type_: Some("RollingUpdate".into()),
+                        rolling_update: Some(RollingUpdateDeployment {
+                            max_unavailable: Some(IntOrString::Int(0)),
+                            max_surge: Some(IntOrString::String("25%".into())),
+                        }),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            if let Some((min, max, cpu)) = autoscaling(spec.tier, role, workload) {
+                out.hpas.push(HorizontalPodAutoscaler {
+                    metadata: meta(cluster, format!("{n}-{component}"), component, true),
+                    spec: Some(HorizontalPodAutoscalerSpec {
+                        scale_target_ref: CrossVersionObjectReference {
+                            api_version: Some("apps/v1".into()),
+                            kind: "Deployment".into(),
+                            name: format!("{n}-{component}"),
+                        },
+                        min_replicas: Some(min),
+                        max_replicas: max,
+                        metrics: Some(vec![MetricSpec {
+                            type_: "Resource".into(),
+                            resource: Some(ResourceMetricSource {
+                                name: "cpu".into(),
+                                target: MetricTarget {
+                                    type_: "Utilization".into(),
+                                    average_utilization: Some(cpu),
+                                    ..Default::default()
+                                },
+                            }),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+            out.pdbs.push(PodDisruptionBudget {
+                metadata: meta(cluster, format!("{n}-{component}"), component, true),
+                spec: Some(PodDisruptionBudgetSpec {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    selector: Some(LabelSelector {
+                        match_labels: Some(selector(cluster, component)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        // Schema migrations run once per worker version and configuration.
+        let mut template =
+            pod_template(cluster, "migrate", Role::All, &spec.pipeline, &config_hash);
+        if let Some(pod) = template.spec.as_mut() {
+            pod.restart_policy = Some("OnFailure".into());
+            pod.containers = vec![container(
+                cluster,
+                Role::Pipeline,
+                vec!["migrate".into()],
+                &spec.pipeline,
+            )];
+        }
+        out.jobs.push(Job {
+            metadata: meta(
+                cluster,
+                format!("{n}-migrate-{}", &config_hash[..10]),
+                "migrate",
+                true,
+            ),
+            spec: Some(JobSpec {
+                backoff_limit: Some(6),
+                ttl_seconds_after_finished: Some(86_400),
+                template,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+
+    // Managed Postgres: a CloudNativePG Cluster with pgvector. With deletionPolicy Retain it has
+    // no owner reference, so deleting the MemUCluster never deletes the database.
+    if matches!(topology, Topology::Single | Topology::Replicas) && spec.database.external.is_none()
+    {
+        let managed = spec.database.managed.clone().unwrap_or_default();
+        let instances = managed
+            .instances
+            .unwrap_or(if topology == Topology::Replicas { 3 } else { 1 });
+        if topology == Topology::Replicas && instances < 2 {
+            return Err(SpecError {
+                reason: "InvalidDatabase",
+                message: "topology replicas needs database.managed.instances of 2 or more".into(),
+            });
+        }
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "postgresql.cnpg.io",
+            "v1",
+            "Cluster",
+        ));
+        let mut object = DynamicObject::new(&cnpg_name(cluster), &ar).data(json!({
+            "spec": {
+                "instances": instances,
+                "imageName": managed.image.clone().unwrap_or_else(|| "ghcr.io/cloudnative-pg/postgresql:15".into()),
+                "storage": {
+                    "size": managed.storage_size.clone().unwrap_or_else(|| "20Gi".into()),
+                    "storageClass": managed.storage_class_name,
+                },
+                "bootstrap": {"initdb": {"database": "memu", "owner": "memu", "postInitApplicationSQL": ["CREATE EXTENSION IF NOT EXISTS vector"]}},
+            }
+        }));
+        object.metadata = meta(
+            cluster,
+            cnpg_name(cluster),
+            "database",
+            spec.deletion_policy == DeletionPolicy::Delete,
+        );
+        out.dynamic.push((ar, object));
+    }
+    if caps.service_monitor {
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "monitoring.coreos.com",
+            "v1",
+            "ServiceMonitor",
+        ));
+        let mut object = DynamicObject::new(&format!("{n}-worker"), &ar).data(json!({
+            "spec": {
+                "selector": {"matchLabels": {CLUSTER_LABEL: n}},
+                "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}],
+            }
+        }));
+        object.metadata = meta(cluster, format!("{n}-worker"), "worker", true);
+        out.dynamic.push((ar, object));
+    }
+    Ok(out)
+}

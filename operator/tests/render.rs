@@ -1,0 +1,281 @@
+//! The pure rendering of desired objects, from the committed sample MemUClusters.
+
+use k8s_openapi::api::core::v1::EnvVar;
+use memu_crds::cluster::MemUCluster;
+use memu_crds::worker::{DatabaseBackend, WorkerConfig};
+use memu_operator::render::{self, CONFIG_HASH, Capabilities, desired};
+
+fn sample(name: &str) -> MemUCluster {
+    let path = format!(
+        "{}/../config/samples/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut cluster: MemUCluster =
+        serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    cluster.metadata.namespace = Some("apps".into());
+    cluster.metadata.uid = Some("0000-uid".into());
+    cluster
+}
+
+const ALL: Capabilities = Capabilities {
+    cnpg: true,
+    service_monitor: true,
+};
+
+fn config_of(d: &render::Desired) -> WorkerConfig {
+    let yaml = &d.config_map.as_ref().unwrap().data.as_ref().unwrap()["worker.yaml"];
+    let config: WorkerConfig = serde_norway::from_str(yaml).unwrap();
+    config.validate().unwrap();
+    config
+}
+
+fn env_of(d: &render::Desired) -> Vec<EnvVar> {
+    let pod = d
+        .deployments
+        .first()
+        .map(|x| x.spec.as_ref().unwrap().template.clone())
+        .or_else(|| {
+            d.stateful_sets
+                .first()
+                .map(|x| x.spec.as_ref().unwrap().template.clone())
+        })
+        .unwrap();
+    pod.spec.unwrap().containers[0].env.clone().unwrap()
+}
+
+#[test]
+fn small_runs_one_sqlite_statefulset_without_autoscaling() {
+    let d = desired(&sample("small"), Capabilities::default()).unwrap();
+    assert!(d.deployments.is_empty() && d.hpas.is_empty() && d.jobs.is_empty());
+    let sts = &d.stateful_sets[0];
+    let spec = sts.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(
+        spec.volume_claim_templates.as_ref().unwrap()[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        "10Gi"
+    );
+    let container = &spec.template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(
+        container.args.as_ref().unwrap(),
+        &["serve", "--role", "all"]
+    );
+    let config = config_of(&d);
+    assert_eq!(config.database.backend, DatabaseBackend::Sqlite);
+    assert!(config.llm.is_offline());
+    assert_eq!(config.vector.dimension, 384);
+    // Every child is owned by the MemUCluster, labelled for orphan cleanup.
+    for meta in [
+        &sts.metadata,
+        &d.services[0].metadata,
+        &d.config_map.as_ref().unwrap().metadata,
+    ] {
+        assert_eq!(
+            meta.owner_references.as_ref().unwrap()[0].kind,
+            "MemUCluster"
+        );
+        assert_eq!(
+            meta.labels.as_ref().unwrap()[render::CLUSTER_LABEL],
+            "memu-small"
+        );
+        assert_eq!(meta.namespace.as_deref(), Some("apps"));
+    }
+}
+
+#[test]
+fn medium_autoscales_and_wires_cnpg_and_secrets() {
+    let cluster = sample("medium");
+    let d = desired(&cluster, ALL).unwrap();
+    assert_eq!(d.deployments.len(), 2);
+    for dep in &d.deployments {
+        // The HPA owns the replica count.
+        assert_eq!(dep.spec.as_ref().unwrap().replicas, None);
+    }
+    let hpa = d
+        .hpas
+        .iter()
+        .find(|h| h.metadata.name.as_deref() == Some("memu-medium-api"))
+        .unwrap();
+    let spec = hpa.spec.as_ref().unwrap();
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 10));
+    assert_eq!(
+        spec.metrics.as_ref().unwrap()[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .target
+            .average_utilization,
+        Some(65)
+    );
+    assert_eq!(d.pdbs.len(), 2);
+    assert_eq!(d.jobs.len(), 1, "migrations job");
+    assert_eq!(
+        d.jobs[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .args
+            .as_ref()
+            .unwrap(),
+        &["migrate"]
+    );
+    let (ar, db) = d
+        .dynamic
+        .iter()
+        .find(|(ar, _)| ar.kind == "Cluster")
+        .unwrap();
+    assert_eq!(ar.group, "postgresql.cnpg.io");
+    assert_eq!(db.data["spec"]["instances"], 1);
+    // Retain: the database is not owned, so deleting the MemUCluster keeps it.
+    assert!(db.metadata.owner_references.is_none());
+    assert!(d.dynamic.iter().any(|(ar, _)| ar.kind == "ServiceMonitor"));
+    let config = config_of(&d);
+    assert_eq!(config.database.backend, DatabaseBackend::Postgres);
+    assert!(!config.database.auto_migrate);
+    assert_eq!(config.vector.dimension, 1536);
+    assert_eq!(config.embedding.provider, "embedding");
+    assert_eq!(config.llm.extraction.as_deref(), Some("extraction"));
+    assert_eq!(
+        config.providers["extraction"].chat_model.as_deref(),
+        Some("gpt-4o-mini")
+    );
+    let env = env_of(&d);
+    let dsn = env.iter().find(|e| e.name == "DATABASE_URL").unwrap();
+    assert_eq!(
+        dsn.value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "memu-medium-db-app"
+    );
+    let key = env
+        .iter()
+        .find(|e| e.name == "MEMU_EXTRACTION_API_KEY")
+        .unwrap();
+    assert_eq!(
+        key.value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "openai"
+    );
+    // No secret value ever appears in a rendered object.
+    assert!(
+        env.iter()
+            .all(|e| e.value.as_deref().is_none_or(|v| !v.contains("sk-")))
+    );
+}
+
+#[test]
+fn large_uses_the_external_citus_coordinator() {
+    let d = desired(&sample("large"), ALL).unwrap();
+    assert!(d.dynamic.iter().all(|(ar, _)| ar.kind != "Cluster"));
+    let env = env_of(&d);
+    assert_eq!(
+        env.iter()
+            .find(|e| e.name == "DATABASE_URL")
+            .unwrap()
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .key,
+        "coordinator-dsn"
+    );
+    assert_eq!(config_of(&d).vector.dimension, 1024);
+    let hpa = d
+        .hpas
+        .iter()
+        .find(|h| h.metadata.name.as_deref() == Some("memu-large-pipeline"))
+        .unwrap();
+    assert_eq!(hpa.spec.as_ref().unwrap().max_replicas, 40);
+}
+
+#[test]
+fn spec_changes_roll_pods_through_the_config_hash() {
+    let mut cluster = sample("medium");
+    let hash = |c: &MemUCluster| {
+        let d = desired(c, ALL).unwrap();
+        d.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH]
+            .clone()
+    };
+    let before = hash(&cluster);
+    assert_eq!(before, hash(&cluster), "rendering is deterministic");
+    cluster.spec.llm.extraction.as_mut().unwrap().model = Some("gpt-4o".into());
+    let after_model = hash(&cluster);
+    assert_ne!(before, after_model);
+    cluster.spec.image = Some("registry.local/memu-worker:2".into());
+    assert_ne!(after_model, hash(&cluster));
+    // Replica bounds do not touch the pods.
+    let mut scaled = sample("medium");
+    scaled.spec.api.autoscaling.as_mut().unwrap().max_replicas = 20;
+    assert_eq!(before, hash(&scaled));
+}
+
+#[test]
+fn unrealisable_specs_give_a_stalled_reason() {
+    let medium = sample("medium");
+    let err = desired(&medium, Capabilities::default()).unwrap_err();
+    assert_eq!(err.reason, "CloudNativePGMissing");
+    let mut citus = sample("large");
+    citus.spec.database.external = None;
+    assert_eq!(desired(&citus, ALL).unwrap_err().reason, "CitusNotManaged");
+    let mut replicas = sample("medium");
+    replicas.spec.database.topology = Some(memu_crds::cluster::Topology::Replicas);
+    replicas.spec.database.managed.as_mut().unwrap().instances = Some(1);
+    assert_eq!(
+        desired(&replicas, ALL).unwrap_err().reason,
+        "InvalidDatabase"
+    );
+}
+
+#[test]
+fn fixed_replicas_replace_the_tier_autoscaling() {
+    let mut cluster = sample("medium");
+    cluster.spec.api.autoscaling = None;
+    cluster.spec.api.replicas = Some(4);
+    let d = desired(&cluster, ALL).unwrap();
+    let api = d
+        .deployments
+        .iter()
+        .find(|x| x.metadata.name.as_deref() == Some("memu-medium-api"))
+        .unwrap();
+    assert_eq!(api.spec.as_ref().unwrap().replicas, Some(4));
+    assert!(
+        d.hpas
+            .iter()
+            .all(|h| h.metadata.name.as_deref() != Some("memu-medium-api"))
+    );
+}
