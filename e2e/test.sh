@@ -18,15 +18,23 @@ bash e2e/scripts/install-postgres.sh
 log "local embedding model"
 model_dir=$(bash scripts/install-model.sh)
 
+log "Kubernetes control plane (etcd from Debian, kube-apiserver & co. built with Go; cached)"
+bash e2e/k8s/install.sh >/dev/null
+
 log "cargo-nextest"
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest >&2
 fi
 
+cleanup() {
+  bash e2e/scripts/stop-postgres.sh "$state/pg" || true
+  bash e2e/k8s/stop.sh "$state/k8s" || true
+}
+trap cleanup EXIT
 log "starting PostgreSQL"
 dsn=$(bash e2e/scripts/start-postgres.sh "$state/pg")
-cleanup() { bash e2e/scripts/stop-postgres.sh "$state/pg" || true; }
-trap cleanup EXIT
+log "starting the Kubernetes control plane"
+kubeconfig=$(bash e2e/k8s/start.sh "$state/k8s")
 
 log "generated CRD YAML is current"
 cargo run -q --locked -p memu-crds --bin crdgen > "$state/memucluster.yaml"
@@ -38,7 +46,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "tests"
-export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_MODEL_DIR="$model_dir"
+export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_MODEL_DIR="$model_dir" MEMU_TEST_KUBECONFIG="$kubeconfig"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
 log "done in $(( $(date +%s) - started ))s"

@@ -64,13 +64,18 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
     /// Defaults from the tier: small → sqlite, medium → single, large → citus.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub topology: Option<Topology>,
     /// An existing database: Secret keys holding the DSNs.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalDatabase>,
     /// A database the operator creates (CloudNativePG for single/replicas, StatefulSets for Citus).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedDatabase>,
     /// Volume size of the SQLite topology.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
 }
 
@@ -80,6 +85,7 @@ pub struct ExternalDatabase {
     /// Secret key holding the primary DSN (postgres://...).
     pub primary: SecretKeyRef,
     /// Secret key holding a read-replica DSN.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub read: Option<SecretKeyRef>,
 }
 
@@ -88,13 +94,18 @@ pub struct ExternalDatabase {
 pub struct ManagedDatabase {
     /// Postgres instances (1 = primary only; topology replicas needs 2 or more).
     #[x_kube(validation = Rule::new("self >= 1 && self <= 9").message("instances must be between 1 and 9"))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub instances: Option<i32>,
     /// Citus worker count (shards); the seed's default is 10.
     #[x_kube(validation = Rule::new("self >= 1 && self <= 128").message("shards must be between 1 and 128"))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
     /// Postgres image with pgvector (and Citus for that topology).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }
 
@@ -122,12 +133,19 @@ pub enum Quantization {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VectorSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<VectorBackend>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dimension: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hnsw_m: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hnsw_ef_construction: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hnsw_ef_search: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<Quantization>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub milvus: Option<MilvusSpec>,
 }
 
@@ -135,6 +153,7 @@ pub struct VectorSpec {
 #[serde(rename_all = "camelCase")]
 pub struct MilvusSpec {
     pub endpoint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<SecretKeyRef>,
 }
 
@@ -145,8 +164,11 @@ pub struct MilvusSpec {
 pub struct ProviderSpec {
     /// openai, grok, qwen, doubao, openrouter, voyage or local.
     pub provider: memu_provider::Preset,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<SecretKeyRef>,
     /// Never set: present only so that an inline key is rejected with a clear message.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -176,9 +198,13 @@ pub mod memu_provider {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LlmSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub extraction: Option<ProviderSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub categorization: Option<ProviderSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retrieval: Option<ProviderSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding: Option<ProviderSpec>,
 }
 
@@ -192,6 +218,7 @@ pub struct Autoscaling {
     /// Average CPU utilisation the HPA aims for (the seed recommends 60–70).
     #[x_kube(validation = Rule::new("self >= 10 && self <= 95").message("targetCPUUtilizationPercentage must be between 10 and 95"))]
     #[serde(rename = "targetCPUUtilizationPercentage")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub target_cpu_utilization_percentage: Option<i32>,
 }
 
@@ -201,11 +228,17 @@ pub struct Autoscaling {
 #[x_kube(validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both"))]
 pub struct WorkloadSpec {
     #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Autoscaling>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
 }
 
@@ -222,7 +255,7 @@ pub struct WorkloadSpec {
     derive = "PartialEq",
     doc = "A memU memory service: API and pipeline workloads, their database and model providers.",
     printcolumn = r#"{"name":"Tier","type":"string","jsonPath":".spec.tier"}"#,
-    printcolumn = r#"{"name":"Topology","type":"string","jsonPath":".spec.database.topology"}"#,
+    printcolumn = r#"{"name":"Topology","type":"string","jsonPath":".status.topology"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"API","type":"string","jsonPath":".status.api.summary","description":"ready/desired api replicas"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
@@ -239,7 +272,9 @@ pub struct WorkloadSpec {
 pub struct MemUClusterSpec {
     pub tier: Tier,
     /// memu-worker image.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<String>,
     #[serde(default)]
     pub database: DatabaseSpec,
@@ -263,13 +298,21 @@ pub struct MemUClusterSpec {
 #[serde(rename_all = "camelCase")]
 pub struct MemUClusterStatus {
     /// Pending, Provisioning, Ready, Degraded, Failed or Paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api: Option<WorkloadStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<WorkloadStatus>,
+    /// The effective database topology (the tier's default when the spec names none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
     /// In-cluster URL of the API service.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
 }
 

@@ -31,12 +31,16 @@ if [ ! -f "$pki/ca.crt" ]; then
     -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
   cat > "$pki/server.ext" <<EXT
 subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
+basicConstraints=CA:FALSE
+keyUsage=digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
 EXT
+  # rustls accepts only X.509 v3 certificates: every certificate gets extensions.
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > "$pki/client.ext"
   cert() { # name subject [extfile]
     openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$pki/$1.key" -out "$pki/$1.csr" 2>/dev/null
     openssl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-      -days 3650 -out "$pki/$1.crt" ${3:+-extfile "$3"} 2>/dev/null
+      -days 3650 -out "$pki/$1.crt" -extfile "${3:-$pki/client.ext}" 2>/dev/null
   }
   cert apiserver "/CN=kube-apiserver" "$pki/server.ext"
   cert admin "/O=system:masters/CN=memu-e2e-admin"
@@ -103,7 +107,7 @@ nohup "$bin/kube-controller-manager" --kubeconfig "$state/controller-manager.kub
   --authorization-kubeconfig "$state/controller-manager.kubeconfig" \
   --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
   --use-service-account-credentials --leader-elect=false --bind-address 127.0.0.1 --secure-port 0 \
-  --controllers '*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,-persistentvolume-binder,-attachdetach,-ttl' \
+  --controllers '*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-attachdetach' \
   --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
   > "$state/logs/kube-controller-manager.log" 2>&1 &
 echo $! > "$state/run/kube-controller-manager.pid"
@@ -118,7 +122,7 @@ echo $! > "$state/run/kube-scheduler.pid"
 log "kwok with fake nodes"
 nohup "$bin/kwok" --kubeconfig "$state/kubeconfig.tmp" --manage-all-nodes=false \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
-  --node-ip 127.0.0.1 --cidr 10.244.0.0/16 > "$state/logs/kwok.log" 2>&1 &
+  --node-ip 127.0.0.1 --cidr 10.244.0.0/16 --node-lease-duration-seconds 40 > "$state/logs/kwok.log" 2>&1 &
 echo $! > "$state/run/kwok.pid"
 for n in 0 1 2; do
   cat <<NODE | "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" apply -f - >/dev/null
@@ -137,6 +141,10 @@ done
 # The default namespace's service account must exist before pods can be created.
 for _ in $(seq 1 60); do
   "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" get serviceaccount default >/dev/null 2>&1 && break
+  sleep 0.5
+done
+for _ in $(seq 1 120); do
+  "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" get nodes -o jsonpath='{.items[*].spec.taints}' | grep -q not-ready || break
   sleep 0.5
 done
 mv "$state/kubeconfig.tmp" "$kubeconfig"

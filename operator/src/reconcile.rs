@@ -584,6 +584,7 @@ async fn observe(
         },
         generation,
     );
+    status.topology = Some(cluster.spec.topology());
     status.endpoint = Some(format!("http://{}-api.{ns}.svc:8080", cluster.name_any()));
     Ok(status)
 }

@@ -1,0 +1,435 @@
+//! The operator against a real kube-apiserver (+ controller manager, scheduler and kwok nodes)
+//! started by `e2e/k8s/start.sh`; the test script exports its kubeconfig.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Service,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use memu_crds::cluster::MemUCluster;
+use memu_crds::worker::WorkerConfig;
+use serde_json::{Value, json};
+
+fn kubeconfig_path() -> String {
+    std::env::var("MEMU_TEST_KUBECONFIG").expect(
+        "MEMU_TEST_KUBECONFIG is not set: run the suite through e2e/test.sh, which starts a real \
+         kube-apiserver with e2e/k8s/start.sh",
+    )
+}
+
+async fn client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn repo(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn apply_yaml_file(client: &Client, path: &str) {
+    let text = std::fs::read_to_string(repo(path)).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for doc in text.split("\n---") {
+        if doc.trim().is_empty() {
+            continue;
+        }
+        let crd: CustomResourceDefinition = serde_norway::from_str(doc).unwrap();
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(
+            &name,
+            &PatchParams::apply("memu-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        eventually(&format!("CRD {name} established"), || async {
+            crds.get(&name)
+                .await
+                .ok()
+                .and_then(|c| c.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        })
+        .await;
+    }
+}
+
+/// Polls `check` (bounded count) until it holds; the bound is a count, not a timing assertion.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..240 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+fn sample(name: &str) -> Value {
+    serde_norway::from_str(
+        &std::fs::read_to_string(repo(&format!("config/samples/{name}.yaml"))).unwrap(),
+    )
+    .unwrap()
+}
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_operator(ns: &str, identity: &str, port: u16) -> Operator {
+    Operator(
+        Command::new(env!("CARGO_BIN_EXE_memu-operator"))
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("RUST_LOG", "info,kube=warn")
+            .args([
+                "--lease-namespace",
+                ns,
+                "--identity",
+                identity,
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn operator_reconciles_samples_against_a_real_api_server() {
+    let client = client().await;
+    apply_yaml_file(&client, "crds/yaml/memucluster.yaml").await;
+    apply_yaml_file(&client, "e2e/k8s/crds/optional-crds.yaml").await;
+    let ns = format!("e2e-{}", std::process::id());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let clusters: Api<MemUCluster> = Api::namespaced(client.clone(), &ns);
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "memu.dev",
+            "v1alpha1",
+            "MemUCluster",
+        )),
+    );
+
+    // Invalid specs are rejected by the API server with readable messages.
+    let invalid = [
+        (json!({"tier": "huge"}), "Unsupported value: \"huge\""),
+        (
+            json!({"tier": "medium", "database": {"topology": "single"}, "api": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}),
+            "minReplicas must not exceed maxReplicas",
+        ),
+        (
+            json!({"tier": "small", "llm": {"extraction": {"provider": "openai", "apiKey": "sk-123"}}}),
+            "inline API keys are not allowed",
+        ),
+        (
+            json!({"tier": "large", "database": {"topology": "citus"}}),
+            "topology citus needs database.managed.shards",
+        ),
+        (
+            json!({"tier": "small", "api": {"autoscaling": {"minReplicas": 1, "maxReplicas": 3}}}),
+            "topology sqlite runs a single replica",
+        ),
+    ];
+    for (i, (spec, message)) in invalid.into_iter().enumerate() {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "memu.dev/v1alpha1", "kind": "MemUCluster",
+            "metadata": {"name": format!("bad-{i}")}, "spec": spec,
+        }))
+        .unwrap();
+        let err = raw
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(message), "{spec}: {err}");
+        assert!(
+            !err.to_string().contains("sk-123") || message.contains("inline"),
+            "{err}"
+        );
+    }
+
+    // A volume for the small tier's SQLite claim (the test cluster has no provisioner).
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv_name = format!("{ns}-pv");
+    pvs.create(&PostParams::default(), &serde_json::from_value(json!({
+        "metadata": {"name": pv_name},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/tmp/memu-e2e-pv"},
+                 "claimRef": {"namespace": ns, "name": "data-memu-small-worker-0"}},
+    })).unwrap()).await.unwrap();
+
+    let _leader = start_operator(&ns, "op-a", free_port());
+    let _standby = start_operator(&ns, "op-b", free_port());
+    let ssa = PatchParams::apply("memu-e2e").force();
+    for name in ["small", "medium", "large"] {
+        let mut object = sample(name);
+        object["metadata"]["namespace"] = json!(ns);
+        let object: MemUCluster = serde_json::from_value(object).unwrap();
+        let n = object.metadata.name.clone().unwrap();
+        clusters
+            .patch(&n, &ssa, &Patch::Apply(&object))
+            .await
+            .unwrap();
+    }
+
+    // Small: a StatefulSet that becomes Ready on a kwok node, status with observedGeneration.
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    eventually("small tier Ready", || async {
+        clusters.get("memu-small").await.ok().and_then(|c| {
+            let status = c.status?;
+            Some(
+                status.phase.as_deref() == Some("Ready")
+                    && status.observed_generation == c.metadata.generation,
+            )
+        }) == Some(true)
+    })
+    .await;
+    let small = clusters.get("memu-small").await.unwrap();
+    let status = small.status.clone().unwrap();
+    assert_eq!(status.api.as_ref().unwrap().summary, "1/1");
+    for t in [
+        "Ready",
+        "Reconciling",
+        "Stalled",
+        "DatabaseReady",
+        "Degraded",
+    ] {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap_or_else(|| panic!("no {t} condition"));
+        assert_eq!(c.observed_generation, small.metadata.generation);
+    }
+    let worker = sts.get("memu-small-worker").await.unwrap();
+    assert_eq!(
+        worker.metadata.owner_references.unwrap()[0].uid,
+        small.metadata.uid.clone().unwrap()
+    );
+    let cm: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let config: WorkerConfig = serde_norway::from_str(
+        &cm.get("memu-small-config").await.unwrap().data.unwrap()["worker.yaml"],
+    )
+    .unwrap();
+    config.validate().unwrap();
+    assert!(
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .get("memu-small-api")
+            .await
+            .is_ok()
+    );
+
+    // Medium: Deployments left to their HPAs, PDBs, a migrations Job, the CNPG Cluster.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    eventually("medium children", || async {
+        deployments.get("memu-medium-pipeline").await.is_ok()
+    })
+    .await;
+    let api = deployments.get("memu-medium-api").await.unwrap();
+    let hpa = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns)
+        .get("memu-medium-api")
+        .await
+        .unwrap();
+    assert_eq!(hpa.spec.unwrap().max_replicas, 10);
+    assert!(
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns)
+            .get("memu-medium-api")
+            .await
+            .is_ok()
+    );
+    let jobs = Api::<Job>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels("memu.dev/cluster=memu-medium"))
+        .await
+        .unwrap();
+    assert_eq!(jobs.items.len(), 1);
+    let cnpg: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "postgresql.cnpg.io",
+            "v1",
+            "Cluster",
+        )),
+    );
+    let db = cnpg.get("memu-medium-db").await.unwrap();
+    assert!(
+        db.metadata.owner_references.is_none(),
+        "Retain: the database is not garbage-collected"
+    );
+    let medium = clusters.get("memu-medium").await.unwrap();
+    let db_cond = medium
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "DatabaseReady")
+        .unwrap();
+    assert_eq!(
+        (db_cond.status.as_str(), db_cond.reason.as_str()),
+        ("False", "ClusterNotReady")
+    );
+
+    // Editing the spec rolls the pods through the config hash.
+    let hash = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["memu.dev/config-hash"]
+            .clone()
+    };
+    let before = hash(&api);
+    clusters
+        .patch(
+            "memu-medium",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"llm": {"extraction": {"model": "gpt-4o"}}}})),
+        )
+        .await
+        .unwrap();
+    eventually("config hash changes", || async {
+        deployments
+            .get("memu-medium-api")
+            .await
+            .map(|d| hash(&d) != before)
+            .unwrap_or(false)
+    })
+    .await;
+    eventually("a migrations Job for the new configuration", || async {
+        Api::<Job>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().labels("memu.dev/cluster=memu-medium"))
+            .await
+            .map(|l| l.items.len() == 1 && l.items[0].metadata.name != jobs.items[0].metadata.name)
+            .unwrap_or(false)
+    })
+    .await;
+
+    // Switching from autoscaling to fixed replicas removes the HPA (orphan cleanup).
+    clusters
+        .patch(
+            "memu-medium",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"api": {"autoscaling": null, "replicas": 3}}})),
+        )
+        .await
+        .unwrap();
+    eventually("HPA removed and replicas set", || async {
+        let hpa_gone = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns)
+            .get_opt("memu-medium-api")
+            .await
+            .map(|h| h.is_none())
+            .unwrap_or(false);
+        let replicas = deployments
+            .get("memu-medium-api")
+            .await
+            .ok()
+            .and_then(|d| d.spec?.replicas);
+        hpa_gone && replicas == Some(3)
+    })
+    .await;
+
+    // Only one of the two operator replicas holds the lease.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    let holder = leases
+        .get("memu-operator")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
+    assert!(holder == "op-a" || holder == "op-b");
+
+    // Deleting with Retain keeps the data volume claim and the database.
+    clusters
+        .delete("memu-small", &DeleteParams::default())
+        .await
+        .unwrap();
+    clusters
+        .delete("memu-medium", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("owned children garbage-collected", || async {
+        sts.get_opt("memu-small-worker")
+            .await
+            .map(|s| s.is_none())
+            .unwrap_or(false)
+            && deployments
+                .get_opt("memu-medium-api")
+                .await
+                .map(|d| d.is_none())
+                .unwrap_or(false)
+    })
+    .await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        pvcs.get_opt("data-memu-small-worker-0")
+            .await
+            .unwrap()
+            .is_some(),
+        "Retain keeps the data"
+    );
+    assert!(
+        cnpg.get_opt("memu-medium-db").await.unwrap().is_some(),
+        "Retain keeps the database"
+    );
+
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    pvs.delete(&pv_name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
