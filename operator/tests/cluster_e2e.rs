@@ -301,18 +301,21 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
         db.metadata.owner_references.is_none(),
         "Retain: the database is not garbage-collected"
     );
-    let medium = clusters.get("memu-medium").await.unwrap();
-    let db_cond = medium
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "DatabaseReady")
-        .unwrap();
-    assert_eq!(
-        (db_cond.status.as_str(), db_cond.reason.as_str()),
-        ("False", "ClusterNotReady")
-    );
+    eventually("medium reports its database condition", || async {
+        clusters
+            .get("memu-medium")
+            .await
+            .ok()
+            .and_then(|c| c.status)
+            .is_some_and(|s| {
+                s.conditions.iter().any(|c| {
+                    c.type_ == "DatabaseReady"
+                        && c.status == "False"
+                        && c.reason == "ClusterNotReady"
+                })
+            })
+    })
+    .await;
 
     // Editing the spec rolls the pods through the config hash.
     let hash = |d: &Deployment| {
