@@ -190,6 +190,36 @@ pub(crate) fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), Store
     Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
 }
 
+/// Which count an erase statement adds to.
+pub(crate) type CountSlot = fn(&mut DeletedCounts) -> &mut u64;
+
+/// The statements that erase a user's rows (or one agent's), children first so the counts are
+/// exact whatever cascades exist. `$1` is the user and `$2` the agent: SQLite reads `$n` as a
+/// named parameter numbered by first appearance, so one text serves both stores.
+pub(crate) fn erase_statements(by_agent: bool) -> Vec<(String, Option<CountSlot>)> {
+    let scoped = |table: &str| match by_agent {
+        true => format!("DELETE FROM {table} WHERE user_id = $1 AND agent_id = $2"),
+        false => format!("DELETE FROM {table} WHERE user_id = $1"),
+    };
+    let links = match by_agent {
+        true => "DELETE FROM category_items WHERE user_id = $1 AND memory_item_id IN \
+                 (SELECT id FROM memory_items WHERE user_id = $1 AND agent_id = $2)"
+            .to_string(),
+        false => "DELETE FROM category_items WHERE user_id = $1".to_string(),
+    };
+    let mut statements: Vec<(String, Option<CountSlot>)> = vec![
+        (links, None),
+        (scoped("memory_items"), Some(|c| &mut c.memory_items)),
+        (scoped("memory_categories"), Some(|c| &mut c.categories)),
+        (scoped("memorize_tasks"), Some(|c| &mut c.tasks)),
+        (scoped("resources"), Some(|c| &mut c.resources)),
+    ];
+    if !by_agent {
+        statements.push(("DELETE FROM users WHERE user_id = $1".to_string(), None));
+    }
+    statements
+}
+
 /// Mismatch message shared by both stores.
 pub(crate) fn check_space(
     stored: &EmbeddingSpace,

@@ -15,7 +15,7 @@ use memu_crds::worker::{CategorySpec, VectorConfig, WorkerConfig};
 
 use super::{
     EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
-    encode_cursor,
+    encode_cursor, erase_statements,
 };
 use crate::config::read_secret;
 use crate::model::{
@@ -101,13 +101,6 @@ fn resource_from_row(row: &PgRow) -> Result<Resource, StoreError> {
 
 const ITEM_COLUMNS: &str = "user_id, id, agent_id, resource_id, memory_type, summary, happened_at, \
                             created_at, updated_at, extra";
-
-fn agent_scoped(table: &str, agent_id: Option<&str>) -> String {
-    match agent_id {
-        Some(_) => format!("DELETE FROM {table} WHERE user_id = $1 AND agent_id = $2"),
-        None => format!("DELETE FROM {table} WHERE user_id = $1"),
-    }
-}
 
 async fn connect(dsn: &str, config: &WorkerConfig, what: &str) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = dsn
@@ -815,47 +808,15 @@ impl MemoryStore for PgStore {
     ) -> Result<DeletedCounts, StoreError> {
         let mut tx = self.primary.begin().await?;
         let mut counts = DeletedCounts::default();
-        // Children first, so the counts are exact whatever cascades exist.
-        let item_links = match agent_id {
-            Some(_) => "DELETE FROM category_items WHERE user_id = $1 AND memory_item_id IN \
-                        (SELECT id FROM memory_items WHERE user_id = $1 AND agent_id = $2)"
-                .to_string(),
-            None => "DELETE FROM category_items WHERE user_id = $1".to_string(),
-        };
-        let statements = [
-            (item_links, None),
-            (
-                agent_scoped("memory_items", agent_id),
-                Some(&mut counts.memory_items),
-            ),
-            (
-                agent_scoped("memory_categories", agent_id),
-                Some(&mut counts.categories),
-            ),
-            (
-                agent_scoped("memorize_tasks", agent_id),
-                Some(&mut counts.tasks),
-            ),
-            (
-                agent_scoped("resources", agent_id),
-                Some(&mut counts.resources),
-            ),
-        ];
-        for (sql, slot) in statements {
-            let mut query = sqlx::query(AssertSqlSafe(sql.clone())).bind(user_id);
+        for (sql, slot) in erase_statements(agent_id.is_some()) {
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(user_id);
             if let Some(agent) = agent_id {
                 query = query.bind(agent);
             }
             let done = query.execute(&mut *tx).await?;
             if let Some(slot) = slot {
-                *slot = done.rows_affected();
+                *slot(&mut counts) = done.rows_affected();
             }
-        }
-        if agent_id.is_none() {
-            sqlx::query("DELETE FROM users WHERE user_id = $1")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         Ok(counts)

@@ -17,7 +17,7 @@ use memu_crds::worker::{CategorySpec, WorkerConfig};
 use super::vector_index::{RowMeta, UserIndexes};
 use super::{
     EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
-    encode_cursor,
+    encode_cursor, erase_statements,
 };
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
@@ -137,13 +137,6 @@ fn row_meta(item: &MemoryItem) -> RowMeta {
         agent_id: item.agent_id.as_str().into(),
         memory_type: item.memory_type,
         at_micros: micros(item.happened_at.unwrap_or(item.created_at)),
-    }
-}
-
-fn agent_scoped(table: &str, agent_id: Option<&str>) -> String {
-    match agent_id {
-        Some(_) => format!("DELETE FROM {table} WHERE user_id = ?1 AND agent_id = ?2"),
-        None => format!("DELETE FROM {table} WHERE user_id = ?1"),
     }
 }
 
@@ -817,47 +810,15 @@ impl MemoryStore for SqliteStore {
     ) -> Result<DeletedCounts, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut counts = DeletedCounts::default();
-        // Children first, so the counts are exact whatever cascades exist.
-        let item_links = match agent_id {
-            Some(_) => "DELETE FROM category_items WHERE user_id = ?1 AND memory_item_id IN \
-                        (SELECT id FROM memory_items WHERE user_id = ?1 AND agent_id = ?2)"
-                .to_string(),
-            None => "DELETE FROM category_items WHERE user_id = ?1".to_string(),
-        };
-        let statements = [
-            (item_links, None),
-            (
-                agent_scoped("memory_items", agent_id),
-                Some(&mut counts.memory_items),
-            ),
-            (
-                agent_scoped("memory_categories", agent_id),
-                Some(&mut counts.categories),
-            ),
-            (
-                agent_scoped("memorize_tasks", agent_id),
-                Some(&mut counts.tasks),
-            ),
-            (
-                agent_scoped("resources", agent_id),
-                Some(&mut counts.resources),
-            ),
-        ];
-        for (sql, slot) in statements {
-            let mut query = sqlx::query(AssertSqlSafe(sql.clone())).bind(user_id);
+        for (sql, slot) in erase_statements(agent_id.is_some()) {
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(user_id);
             if let Some(agent) = agent_id {
                 query = query.bind(agent);
             }
             let done = query.execute(&mut *tx).await?;
             if let Some(slot) = slot {
-                *slot = done.rows_affected();
+                *slot(&mut counts) = done.rows_affected();
             }
-        }
-        if agent_id.is_none() {
-            sqlx::query("DELETE FROM users WHERE user_id = ?")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         self.index.forget(user_id);
