@@ -28,7 +28,7 @@ pub fn load_from(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> anyhow::Result<WorkerConfig> {
-    let mut value = match file {
+    let file_value = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read config file {}", path.display()))?;
@@ -45,6 +45,10 @@ pub fn load_from(
         }
         None => Value::Object(Map::new()),
     };
+    // Defaults, then the file, then the environment: a partial profile such as
+    // `providers.local.model_dir` lands on top of the built-in one instead of replacing it.
+    let mut value = serde_json::to_value(WorkerConfig::default())?;
+    merge(&mut value, file_value);
     let schema = serde_json::to_value(schemars::schema_for!(WorkerConfig))?;
     let mut vars: Vec<(String, String)> = env
         .into_iter()
@@ -69,17 +73,29 @@ pub fn load_from(
         };
         set_path(&mut value, &path, parsed);
     }
-    let mut config: WorkerConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+    let config: WorkerConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         anyhow::anyhow!("invalid configuration at `{key}`: {}", e.inner())
     })?;
-    // Naming other profiles must not remove the built-in local one.
-    let builtin = WorkerConfig::default().providers;
-    for (name, profile) in builtin {
-        config.providers.entry(name).or_insert(profile);
-    }
     config.validate()?;
     Ok(config)
+}
+
+/// Merges `over` into `base`: mappings key by key, anything else replaced.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(base), Value::Object(over)) => {
+            for (key, value) in over {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, over) => *base = over,
+    }
 }
 
 /// Whether the schema at `path` accepts a string (None when the key does not exist).
@@ -256,6 +272,21 @@ mod tests {
 
         let err = load_from(None, env(&[("MEMU_SERVER__LISTEN", "nowhere")])).unwrap_err();
         assert!(format!("{err:#}").contains("server.listen"), "{err:#}");
+    }
+
+    #[test]
+    fn partial_profiles_land_on_the_built_in_one() {
+        let config = load_from(
+            None,
+            env(&[("MEMU_PROVIDERS__LOCAL__MODEL_DIR", "/models/minilm")]),
+        )
+        .unwrap();
+        let local = &config.providers["local"];
+        assert_eq!(local.preset, memu_crds::worker::ProviderPreset::Local);
+        assert_eq!(
+            local.model_dir.as_deref(),
+            Some(std::path::Path::new("/models/minilm"))
+        );
     }
 
     #[test]

@@ -183,3 +183,64 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     // New connections are refused once it has stopped.
     assert!(reqwest::get(format!("{base}/healthz")).await.is_err());
 }
+
+/// The README's first command, as a user runs it: only the model directory in the environment,
+/// SQLite and offline mode by default; memorize → SUCCESS → retrieve finds the fact.
+#[tokio::test]
+async fn readme_flow_with_defaults_and_the_local_model() {
+    memu_worker::server::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let child = worker(dir.path())
+        .arg("serve")
+        .env("MEMU_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("MEMU_PROVIDERS__LOCAL__MODEL_DIR", common::model_dir())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _running = Running(child);
+    wait_ready(&base).await;
+    let http = reqwest::Client::new();
+    let task: Value = http
+        .post(format!("{base}/api/v3/memory/memorize"))
+        .json(
+            &json!({"user_id": "maria", "user_name": "Maria", "conversation": [
+            {"role": "user", "content": "I live in Lisbon and I work as a marine biologist."},
+            {"role": "assistant", "content": "Fascinating! What do you study?"}]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = task["task_id"].as_str().unwrap();
+    let mut status = Value::Null;
+    for _ in 0..200 {
+        status = reqwest::get(format!("{base}/api/v3/memory/memorize/status/{id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["status"] != "PENDING" && status["status"] != "PROCESSING" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status["status"], "SUCCESS", "{status}");
+    let found: Value = http
+        .post(format!("{base}/api/v3/memory/retrieve"))
+        .json(&json!({"user_id": "maria", "query": "Where does Maria live?", "top_k": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        found["items"][0]["summary"], "Maria lives in Lisbon and works as a marine biologist.",
+        "{found}"
+    );
+}
