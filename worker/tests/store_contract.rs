@@ -838,3 +838,46 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
     println!("recall@10 of user7 among 40 users: {recall:.3}");
     assert!(recall >= 0.9, "recall@10 {recall}");
 }
+
+/// With a read DSN configured, searches and listings go through a second pool (here pointed at
+/// the same server, which stands for a streaming replica) while writes use the primary.
+#[tokio::test]
+async fn postgres_read_replica_pool_serves_reads() {
+    let mut config = WorkerConfig::default();
+    config.vector.dimension = DIM;
+    let (mut config, backend) = common::with_backend(config, true).await;
+    let common::Backend::Postgres(dsn) = backend else {
+        unreachable!()
+    };
+    let var = format!("MEMU_TEST_READ_DSN_{}", Uuid::new_v4().simple());
+    // SAFETY: a variable name of this test only.
+    unsafe { std::env::set_var(&var, &dsn) };
+    config.database.read_url_env = var;
+    let store = store::open(&config, space()).await.unwrap();
+    store.migrate().await.unwrap();
+    let pools: Vec<&str> = store.pool_stats().iter().map(|p| p.pool).collect();
+    assert_eq!(pools, vec!["primary", "replica"]);
+    let i = item("r", "", MemoryType::Event, "read me", at(1));
+    store
+        .insert_item(&NewItem {
+            item: i.clone(),
+            embedding: vector(3, 0.0),
+        })
+        .await
+        .unwrap();
+    let hits = store
+        .search_items("r", &vector(3, 0.0), &ItemFilter::default(), 1)
+        .await
+        .unwrap();
+    assert_eq!(hits[0].item.id, i.id);
+    assert_eq!(
+        store
+            .list_items("r", &ItemFilter::default(), 5, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    store.check_ready().await.unwrap();
+}
