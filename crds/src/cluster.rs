@@ -98,6 +98,7 @@ pub struct ManagedDatabase {
     pub instances: Option<i32>,
     /// Citus worker count (shards); the seed's default is 10.
     #[x_kube(validation = Rule::new("self >= 1 && self <= 128").message("shards must be between 1 and 128"))]
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("shards cannot be decreased: a Citus worker holds data; drain it explicitly (citus_drain_node) before removing it"))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -314,7 +315,25 @@ pub struct MemUClusterStatus {
     /// In-cluster URL of the API service.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Managed Citus membership.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub citus: Option<CitusStatus>,
 }
+
+/// Workers registered in the coordinator's `pg_dist_node` against those the spec asks for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CitusStatus {
+    pub registered_workers: i32,
+    pub desired_workers: i32,
+    /// Value of the `memu.dev/rebalance` annotation of the last rebalance started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_rebalance: Option<String>,
+}
+
+/// Annotation requesting an explicit Citus shard rebalance: set it to a new value (e.g. a date)
+/// to start one; adding workers never rebalances by itself.
+pub const REBALANCE_ANNOTATION: &str = "memu.dev/rebalance";
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -236,6 +236,36 @@ pub struct LlmConfig {
     pub extraction: Option<String>,
     pub categorization: Option<String>,
     pub retrieval: Option<String>,
+    /// Price per million tokens by model name, for the cost log (models not listed cost 0).
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+/// What one million tokens of a model cost, in US dollars.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelPrice {
+    pub prompt_per_million: f64,
+    pub completion_per_million: f64,
+}
+
+impl ModelPrice {
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.prompt_per_million
+            + completion_tokens as f64 * self.completion_per_million)
+            / 1_000_000.0
+    }
+}
+
+/// How a provider is asked for JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// `response_format: json_schema` (strict structured outputs).
+    JsonSchema,
+    /// `response_format: json_object`; the schema goes into the prompt.
+    JsonObject,
+    /// No `response_format` at all; the schema goes into the prompt.
+    Prompt,
 }
 
 impl LlmConfig {
@@ -346,6 +376,9 @@ pub struct ProviderProfile {
     pub model_dir: Option<PathBuf>,
     /// Longest input, in tokens, of the local model; longer texts are truncated.
     pub max_input_tokens: usize,
+    /// How JSON answers are requested (default from the preset; a provider that rejects
+    /// `json_schema` is asked again with `json_object`).
+    pub structured_output: Option<StructuredOutput>,
 }
 
 impl Default for ProviderProfile {
@@ -364,6 +397,7 @@ impl Default for ProviderProfile {
             max_retries: 3,
             model_dir: None,
             max_input_tokens: 256,
+            structured_output: None,
         }
     }
 }
@@ -385,6 +419,14 @@ impl ProviderProfile {
         self.chat_model
             .clone()
             .or_else(|| self.preset.defaults().chat_model.map(str::to_string))
+    }
+    pub fn structured_output(&self) -> StructuredOutput {
+        self.structured_output.unwrap_or(match self.preset {
+            ProviderPreset::Openai | ProviderPreset::Grok | ProviderPreset::Openrouter => {
+                StructuredOutput::JsonSchema
+            }
+            _ => StructuredOutput::JsonObject,
+        })
     }
     pub fn embed_model(&self) -> Option<String> {
         self.embed_model
@@ -519,6 +561,13 @@ pub struct MemoryConfig {
     pub max_top_k: usize,
     /// Longest accepted `user_id` / `agent_id`.
     pub max_id_len: usize,
+    /// Token budget of one segment sent to the extraction LLM (one call per segment).
+    pub extraction_segment_max_tokens: usize,
+    /// New items at least this similar to an existing item of the same type are checked by the
+    /// LLM: duplicate, update or contradiction.
+    pub dedupe_similarity: f32,
+    /// Existing items compared with each new one.
+    pub dedupe_candidates: usize,
 }
 
 impl Default for MemoryConfig {
@@ -536,6 +585,9 @@ impl Default for MemoryConfig {
             default_top_k: 5,
             max_top_k: 100,
             max_id_len: 256,
+            extraction_segment_max_tokens: 3000,
+            dedupe_similarity: 0.8,
+            dedupe_candidates: 3,
         }
     }
 }
@@ -551,6 +603,8 @@ pub struct PipelineConfig {
     pub lease_secs: u64,
     /// Attempts before a job is marked FAILED.
     pub max_attempts: u32,
+    /// Time budget of one attempt of a job, provider retries included.
+    pub job_timeout_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -560,6 +614,7 @@ impl Default for PipelineConfig {
             poll_interval_ms: 1000,
             lease_secs: 120,
             max_attempts: 3,
+            job_timeout_secs: 600,
         }
     }
 }
@@ -730,6 +785,29 @@ impl WorkerConfig {
         }
         if self.pipeline.concurrency == 0 {
             return Err(invalid("pipeline.concurrency", "must be at least 1"));
+        }
+        if self.memory.extraction_segment_max_tokens < 64 {
+            return Err(invalid(
+                "memory.extraction_segment_max_tokens",
+                "must be at least 64",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.memory.dedupe_similarity) {
+            return Err(invalid(
+                "memory.dedupe_similarity",
+                "must be between 0 and 1",
+            ));
+        }
+        if self.pipeline.job_timeout_secs == 0 {
+            return Err(invalid("pipeline.job_timeout_secs", "must be at least 1"));
+        }
+        for (model, price) in &self.llm.prices {
+            if price.prompt_per_million < 0.0 || price.completion_per_million < 0.0 {
+                return Err(invalid(
+                    format!("llm.prices.{model}"),
+                    "prices must not be negative",
+                ));
+            }
         }
         if self.pipeline.max_attempts == 0 {
             return Err(invalid("pipeline.max_attempts", "must be at least 1"));

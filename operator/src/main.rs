@@ -29,6 +29,10 @@ struct Args {
     identity: Option<String>,
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
+    /// Reconcile MemUClusters of this namespace only (a namespace-scoped install);
+    /// all namespaces when unset.
+    #[arg(long, env = "MEMU_OPERATOR_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
 }
 
 #[tokio::main]
@@ -74,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(%identity, "leading: reconciling MemUClusters");
     let ctx = Arc::new(Context::new(client, metrics));
     tokio::select! {
-        _ = reconcile::run(ctx) => tracing::info!("controller stopped"),
+        _ = reconcile::run(ctx, args.watch_namespace.as_deref()) => tracing::info!("controller stopped"),
         _ = elector.keep(lease / 3) => {
             // Another replica may lead now: stop writing at once and let Kubernetes restart us.
             tracing::error!("lost the leader lease; exiting");

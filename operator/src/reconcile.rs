@@ -9,11 +9,13 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -24,9 +26,10 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use memu_crds::cluster::{
-    DeletionPolicy, MemUCluster, MemUClusterStatus, Topology, WorkloadStatus,
+    DeletionPolicy, MemUCluster, MemUClusterStatus, REBALANCE_ANNOTATION, Topology, WorkloadStatus,
 };
 
+use crate::citus;
 use crate::metrics::OperatorMetrics;
 use crate::render::{self, CLUSTER_LABEL, Capabilities, Desired, MANAGER, SpecError};
 
@@ -61,29 +64,42 @@ impl Context {
     }
 }
 
+/// An API over all namespaces, or over one for a namespace-scoped install.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// Runs the controller until the stream ends (or the process is told to stop).
-pub async fn run(ctx: Arc<Context>) {
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let client = ctx.client.clone();
-    let clusters = Api::<MemUCluster>::all(client.clone());
     let owned = watcher::Config::default().labels(CLUSTER_LABEL);
-    Controller::new(clusters, watcher::Config::default())
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<StatefulSet>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(
-            Api::<HorizontalPodAutoscaler>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(Api::<Job>::all(client.clone()), owned)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile stream item");
-            }
-        })
-        .await;
+    Controller::new(
+        scoped::<MemUCluster>(&client, namespace),
+        watcher::Config::default(),
+    )
+    .owns(scoped::<Deployment>(&client, namespace), owned.clone())
+    .owns(scoped::<StatefulSet>(&client, namespace), owned.clone())
+    .owns(scoped::<Service>(&client, namespace), owned.clone())
+    .owns(scoped::<ConfigMap>(&client, namespace), owned.clone())
+    .owns(
+        scoped::<HorizontalPodAutoscaler>(&client, namespace),
+        owned.clone(),
+    )
+    .owns(scoped::<Job>(&client, namespace), owned)
+    .shutdown_on_signal()
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "reconcile stream item");
+        }
+    })
+    .await;
 }
 
 fn error_policy(cluster: Arc<MemUCluster>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -179,6 +195,9 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
             return Ok(Action::requeue(PERIODIC));
         }
     };
+    if is_managed_citus(&cluster) {
+        ensure_citus_credentials(client, &ns, &cluster).await?;
+    }
     let changed = apply_all(client, &ns, &desired).await?;
     let removed = remove_orphans(client, &ns, &name, &desired).await?;
     if changed + removed > 0 {
@@ -199,6 +218,136 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
     } else {
         Duration::from_secs(10)
     }))
+}
+
+fn is_managed_citus(cluster: &MemUCluster) -> bool {
+    cluster.spec.topology() == Topology::Citus && cluster.spec.database.external.is_none()
+}
+
+/// Creates the Citus credentials Secret once with a random password; an existing one is kept
+/// (rewriting it would lock the running database out).
+async fn ensure_citus_credentials(
+    client: &Client,
+    ns: &str,
+    cluster: &MemUCluster,
+) -> Result<(), Error> {
+    use rand::distr::{Alphanumeric, SampleString};
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    if api
+        .get_metadata_opt(&render::citus_name(cluster, "credentials"))
+        .await?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
+    match api
+        .create(
+            &PostParams::default(),
+            &render::citus_credentials(cluster, &password),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Ready replicas of a StatefulSet (0 when absent).
+async fn stateful_set_ready(client: &Client, ns: &str, name: &str) -> Result<i32, Error> {
+    Ok(Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+        .and_then(|s| s.status)
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0))
+}
+
+/// Managed Citus: all nodes ready, then `pg_dist_node` converged on the desired workers.
+/// Returns (ready, reason, message) for `DatabaseReady`.
+async fn observe_citus(
+    client: &Client,
+    ns: &str,
+    cluster: &MemUCluster,
+    status: &mut MemUClusterStatus,
+) -> Result<(bool, &'static str, String), Error> {
+    let desired = render::citus_workers(cluster);
+    let mut citus = status.citus.clone().unwrap_or_default();
+    citus.desired_workers = desired.len() as i32;
+    let mut nodes_ready = 0;
+    for i in 0..render::citus_shards(cluster) {
+        let sts = render::citus_name(cluster, &format!("worker-{i}"));
+        nodes_ready += stateful_set_ready(client, ns, &sts).await?.min(1);
+    }
+    let coordinator_ready =
+        stateful_set_ready(client, ns, &render::citus_name(cluster, "coordinator")).await? > 0;
+    if !coordinator_ready || nodes_ready < citus.desired_workers {
+        status.citus = Some(citus.clone());
+        return Ok((
+            false,
+            "NodesNotReady",
+            format!(
+                "Citus coordinator {}, workers {nodes_ready}/{} ready",
+                if coordinator_ready {
+                    "ready"
+                } else {
+                    "not ready"
+                },
+                citus.desired_workers
+            ),
+        ));
+    }
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get(&render::citus_name(cluster, "credentials"))
+        .await?;
+    let field = |key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    let coordinator = citus::Coordinator {
+        host: format!("{}.{ns}.svc", render::citus_name(cluster, "coordinator")),
+        port: 5432,
+        user: field("username"),
+        password: field("password"),
+        database: field("dbname"),
+    };
+    let requested = cluster.annotations().get(REBALANCE_ANNOTATION).cloned();
+    let rebalance = requested.is_some() && requested != citus.last_rebalance;
+    let result = citus::sync(&coordinator, &desired, rebalance).await;
+    let outcome = match result {
+        Ok(m) => {
+            citus.registered_workers = m.registered as i32;
+            if rebalance {
+                citus.last_rebalance = requested;
+            }
+            let ready = m.registered == m.desired;
+            (
+                ready,
+                if ready {
+                    "WorkersRegistered"
+                } else {
+                    "MembershipPending"
+                },
+                format!(
+                    "{}/{} Citus workers registered; {} membership changes applied",
+                    m.registered,
+                    m.desired,
+                    m.applied.len()
+                ),
+            )
+        }
+        Err(e @ citus::CitusError::Unreachable(_)) => {
+            (false, "CoordinatorUnreachable", e.to_string())
+        }
+        Err(e) => (false, "MembershipFailed", e.to_string()),
+    };
+    status.citus = Some(citus);
+    Ok(outcome)
 }
 
 async fn publish(ctx: &Context, cluster: &MemUCluster, type_: EventType, reason: &str, note: &str) {
@@ -427,7 +576,11 @@ async fn observe(
     let mut status = cluster.status.clone().unwrap_or_default();
     let mut all_ready = true;
     let mut degraded = Vec::new();
-    if let Some(sts) = d.stateful_sets.first() {
+    if let Some(sts) = d
+        .stateful_sets
+        .first()
+        .filter(|_| cluster.spec.topology() == Topology::Sqlite)
+    {
         let live = Api::<StatefulSet>::namespaced(client.clone(), ns)
             .get_opt(sts.metadata.name.as_deref().unwrap_or_default())
             .await?;
@@ -488,6 +641,7 @@ async fn observe(
             "External",
             "external database referenced by Secret".to_string(),
         ),
+        Topology::Citus => observe_citus(client, ns, cluster, &mut status).await?,
         _ if caps.cnpg => {
             let (ar, obj) = d
                 .dynamic

@@ -15,8 +15,9 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -41,6 +42,12 @@ pub const MANAGER: &str = "memu-operator";
 pub const CLUSTER_LABEL: &str = "memu.dev/cluster";
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const CONFIG_HASH: &str = "memu.dev/config-hash";
+/// Pod label naming the database node a pod runs (selects a Citus node's pod).
+pub const DATABASE_LABEL: &str = "memu.dev/database";
+/// Pod label on every Citus node of a cluster (the headless service selects by it).
+pub const CITUS_LABEL: &str = "memu.dev/citus";
+/// Postgres with the Citus and pgvector extensions.
+pub const DEFAULT_CITUS_IMAGE: &str = "ghcr.io/memu-k8s/citus-pgvector:12.1-pg15";
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/memu-k8s/memu-worker:", env!("CARGO_PKG_VERSION"));
 const PORT: i32 = 8080;
 const CONFIG_PATH: &str = "/etc/memu/worker.yaml";
@@ -312,6 +319,254 @@ pub fn cnpg_name(cluster: &MemUCluster) -> String {
     format!("{}-db", name(cluster))
 }
 
+/// DB_USER, DB_PASSWORD and DB_NAME from a credentials Secret (CloudNativePG's or ours).
+fn credential_env(secret: &str) -> Vec<EnvVar> {
+    [
+        ("DB_USER", "username"),
+        ("DB_PASSWORD", "password"),
+        ("DB_NAME", "dbname"),
+    ]
+    .into_iter()
+    .map(|(var, key)| {
+        secret_env(
+            var,
+            &SecretKeyRef {
+                name: secret.into(),
+                key: key.into(),
+            },
+            false,
+        )
+    })
+    .collect()
+}
+
+/// A DSN assembled by Kubernetes from the credential variables (never rendered in clear).
+fn dsn_env(var: &str, host: &str) -> EnvVar {
+    EnvVar {
+        name: var.into(),
+        value: Some(format!(
+            "postgres://$(DB_USER):$(DB_PASSWORD)@{host}:5432/$(DB_NAME)"
+        )),
+        ..Default::default()
+    }
+}
+
+fn namespace(cluster: &MemUCluster) -> String {
+    cluster
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into())
+}
+
+/// Names of the managed Citus objects: `<cluster>-citus-<part>`.
+pub fn citus_name(cluster: &MemUCluster, part: &str) -> String {
+    format!("{}-citus-{part}", name(cluster))
+}
+
+/// Citus workers of a managed Citus database (seed: 10).
+pub fn citus_shards(cluster: &MemUCluster) -> i32 {
+    cluster
+        .spec
+        .database
+        .managed
+        .as_ref()
+        .and_then(|m| m.shards)
+        .unwrap_or(10)
+}
+
+/// The workers the coordinator's `pg_dist_node` must list: pod 0 of each worker StatefulSet,
+/// addressed through the headless service.
+pub fn citus_workers(cluster: &MemUCluster) -> Vec<crate::citus::Node> {
+    (0..citus_shards(cluster))
+        .map(|i| crate::citus::Node {
+            host: format!(
+                "{}-0.{}.{}.svc",
+                citus_name(cluster, &format!("worker-{i}")),
+                citus_name(cluster, "nodes"),
+                namespace(cluster)
+            ),
+            port: 5432,
+        })
+        .collect()
+}
+
+/// The generated credentials of a managed Citus database; created once, never rewritten.
+pub fn citus_credentials(cluster: &MemUCluster, password: &str) -> Secret {
+    Secret {
+        metadata: meta(
+            cluster,
+            citus_name(cluster, "credentials"),
+            "database",
+            cluster.spec.deletion_policy == DeletionPolicy::Delete,
+        ),
+        string_data: Some(BTreeMap::from([
+            ("username".into(), "memu".into()),
+            ("password".into(), password.into()),
+            ("dbname".into(), "memu".into()),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// One Citus node (coordinator or worker): a single-replica StatefulSet with its own volume.
+fn citus_node(cluster: &MemUCluster, part: &str, component: &str) -> StatefulSet {
+    let managed = cluster.spec.database.managed.clone().unwrap_or_default();
+    let mut pod_selector = selector(cluster, component);
+    pod_selector.insert(DATABASE_LABEL.into(), citus_name(cluster, part));
+    let mut pod_labels = labels(cluster, component);
+    pod_labels.extend(pod_selector.clone());
+    pod_labels.insert(CITUS_LABEL.into(), name(cluster));
+    let owned = cluster.spec.deletion_policy == DeletionPolicy::Delete;
+    let credentials = citus_name(cluster, "credentials");
+    let env = [
+        ("POSTGRES_USER", "username"),
+        ("POSTGRES_PASSWORD", "password"),
+        ("POSTGRES_DB", "dbname"),
+    ]
+    .into_iter()
+    .map(|(var, key)| {
+        secret_env(
+            var,
+            &SecretKeyRef {
+                name: credentials.clone(),
+                key: key.into(),
+            },
+            false,
+        )
+    })
+    .chain([EnvVar {
+        name: "PGDATA".into(),
+        value: Some("/var/lib/postgresql/data/pgdata".into()),
+        ..Default::default()
+    }])
+    .collect();
+    let readiness = Probe {
+        exec: Some(k8s_openapi::api::core::v1::ExecAction {
+            command: Some(vec![
+                "pg_isready".into(),
+                "-U".into(),
+                "memu".into(),
+                "-d".into(),
+                "memu".into(),
+            ]),
+        }),
+        period_seconds: Some(10),
+        ..Default::default()
+    };
+    StatefulSet {
+        metadata: meta(cluster, citus_name(cluster, part), component, owned),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            service_name: Some(citus_name(cluster, "nodes")),
+            selector: LabelSelector {
+                match_labels: Some(pod_selector),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "postgres".into(),
+                        image: Some(
+                            managed
+                                .image
+                                .clone()
+                                .unwrap_or_else(|| DEFAULT_CITUS_IMAGE.into()),
+                        ),
+                        args: Some(vec![
+                            "postgres".into(),
+                            "-c".into(),
+                            "shared_preload_libraries=citus".into(),
+                        ]),
+                        env: Some(env),
+                        ports: Some(vec![ContainerPort {
+                            name: Some("postgres".into()),
+                            container_port: 5432,
+                            ..Default::default()
+                        }]),
+                        readiness_probe: Some(readiness),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "data".into(),
+                            mount_path: "/var/lib/postgresql/data".into(),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }],
+                    termination_grace_period_seconds: Some(60),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![data_claim(
+                cluster,
+                component,
+                managed.storage_size.unwrap_or_else(|| "50Gi".into()),
+                managed.storage_class_name,
+            )]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The `data` volume claim template of a StatefulSet.
+fn data_claim(
+    cluster: &MemUCluster,
+    component: &str,
+    size: String,
+    storage_class_name: Option<String>,
+) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".into()),
+            labels: Some(labels(cluster, component)),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name,
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), Quantity(size))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A Service on 5432: headless over every Citus node (stable pod DNS names) or ClusterIP on the
+/// coordinator (what the workers connect to).
+fn citus_service(cluster: &MemUCluster, part: &str, headless: bool) -> Service {
+    let selector = if headless {
+        BTreeMap::from([(CITUS_LABEL.to_string(), name(cluster))])
+    } else {
+        BTreeMap::from([(
+            DATABASE_LABEL.to_string(),
+            citus_name(cluster, "coordinator"),
+        )])
+    };
+    Service {
+        metadata: meta(cluster, citus_name(cluster, part), "database", true),
+        spec: Some(ServiceSpec {
+            cluster_ip: headless.then(|| "None".into()),
+            publish_not_ready_addresses: headless.then_some(true),
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("postgres".into()),
+                port: 5432,
+                target_port: Some(IntOrString::String("postgres".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Environment of every worker container: DSNs and API keys, all from Secrets.
 fn worker_env(cluster: &MemUCluster) -> Vec<EnvVar> {
     let spec = &cluster.spec;
@@ -322,6 +577,16 @@ fn worker_env(cluster: &MemUCluster) -> Vec<EnvVar> {
             if let Some(read) = &external.read {
                 env.push(secret_env("DATABASE_READ_URL", read, false));
             }
+        } else if spec.topology() == Topology::Citus {
+            env.extend(credential_env(&citus_name(cluster, "credentials")));
+            env.push(dsn_env(
+                "DATABASE_URL",
+                &format!(
+                    "{}.{}.svc",
+                    citus_name(cluster, "coordinator"),
+                    namespace(cluster)
+                ),
+            ));
         } else {
             // CloudNativePG writes the application credentials into <cluster>-app.
             let app = format!("{}-app", cnpg_name(cluster));
@@ -334,28 +599,11 @@ fn worker_env(cluster: &MemUCluster) -> Vec<EnvVar> {
                 false,
             ));
             if spec.topology() == Topology::Replicas {
-                for (var, key) in [
-                    ("DB_USER", "username"),
-                    ("DB_PASSWORD", "password"),
-                    ("DB_NAME", "dbname"),
-                ] {
-                    env.push(secret_env(
-                        var,
-                        &SecretKeyRef {
-                            name: app.clone(),
-                            key: key.into(),
-                        },
-                        false,
-                    ));
-                }
-                env.push(EnvVar {
-                    name: "DATABASE_READ_URL".into(),
-                    value: Some(format!(
-                        "postgres://$(DB_USER):$(DB_PASSWORD)@{}-ro:5432/$(DB_NAME)",
-                        cnpg_name(cluster)
-                    )),
-                    ..Default::default()
-                });
+                env.extend(credential_env(&app));
+                env.push(dsn_env(
+                    "DATABASE_READ_URL",
+                    &format!("{}-ro", cnpg_name(cluster)),
+                ));
             }
         }
     }
@@ -566,14 +814,6 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
     let spec = &cluster.spec;
     let n = name(cluster);
     let topology = spec.topology();
-    if topology == Topology::Citus && spec.database.external.is_none() {
-        return Err(SpecError {
-            reason: "CitusNotManaged",
-            message: "a managed Citus database is not provisioned by this operator version; \
-                      point database.external at a Citus coordinator"
-                .into(),
-        });
-    }
     if matches!(topology, Topology::Single | Topology::Replicas)
         && spec.database.external.is_none()
         && !caps.cnpg
@@ -645,23 +885,12 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
                     ..Default::default()
                 },
                 template: pod_template(cluster, "worker", Role::All, workload, &config_hash),
-                volume_claim_templates: Some(vec![PersistentVolumeClaim {
-                    metadata: ObjectMeta {
-                        name: Some("data".into()),
-                        labels: Some(labels(cluster, "worker")),
-                        ..Default::default()
-                    },
-                    spec: Some(PersistentVolumeClaimSpec {
-                        access_modes: Some(vec!["ReadWriteOnce".into()]),
-                        storage_class_name: spec.database.storage_class_name.clone(),
-                        resources: Some(VolumeResourceRequirements {
-                            requests: Some(BTreeMap::from([("storage".into(), Quantity(storage))])),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }]),
+                volume_claim_templates: Some(vec![data_claim(
+                    cluster,
+                    "worker",
+                    storage,
+                    spec.database.storage_class_name.clone(),
+                )]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -737,12 +966,13 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
             pod_template(cluster, "migrate", Role::All, &spec.pipeline, &config_hash);
         if let Some(pod) = template.spec.as_mut() {
             pod.restart_policy = Some("OnFailure".into());
-            pod.containers = vec![container(
-                cluster,
-                Role::Pipeline,
-                vec!["migrate".into()],
-                &spec.pipeline,
-            )];
+            // On Citus the same Job then distributes the tables by user_id (after migrating).
+            let args = if topology == Topology::Citus {
+                vec!["migrate".into(), "--distribute".into()]
+            } else {
+                vec!["migrate".into()]
+            };
+            pod.containers = vec![container(cluster, Role::Pipeline, args, &spec.pipeline)];
         }
         out.jobs.push(Job {
             metadata: meta(
@@ -759,6 +989,20 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
             }),
             ..Default::default()
         });
+    }
+
+    // Managed Citus: a coordinator and N workers, each a one-pod StatefulSet with its own volume;
+    // membership in pg_dist_node is converged by the reconciler (see citus.rs).
+    if topology == Topology::Citus && spec.database.external.is_none() {
+        out.services.push(citus_service(cluster, "nodes", true));
+        out.services
+            .push(citus_service(cluster, "coordinator", false));
+        out.stateful_sets
+            .push(citus_node(cluster, "coordinator", "citus-coordinator"));
+        for i in 0..citus_shards(cluster) {
+            out.stateful_sets
+                .push(citus_node(cluster, &format!("worker-{i}"), "citus-worker"));
+        }
     }
 
     // Managed Postgres: a CloudNativePG Cluster with pgvector. With deletionPolicy Retain it has

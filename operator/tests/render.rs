@@ -249,9 +249,6 @@ fn unrealisable_specs_give_a_stalled_reason() {
     let medium = sample("medium");
     let err = desired(&medium, Capabilities::default()).unwrap_err();
     assert_eq!(err.reason, "CloudNativePGMissing");
-    let mut citus = sample("large");
-    citus.spec.database.external = None;
-    assert_eq!(desired(&citus, ALL).unwrap_err().reason, "CitusNotManaged");
     let mut replicas = sample("medium");
     replicas.spec.database.topology = Some(memu_crds::cluster::Topology::Replicas);
     replicas.spec.database.managed.as_mut().unwrap().instances = Some(1);
@@ -278,4 +275,105 @@ fn fixed_replicas_replace_the_tier_autoscaling() {
             .iter()
             .all(|h| h.metadata.name.as_deref() != Some("memu-medium-api"))
     );
+}
+
+#[test]
+fn managed_citus_is_a_coordinator_and_one_statefulset_per_worker() {
+    let mut cluster = sample("large");
+    cluster.spec.database.external = None;
+    cluster.spec.database.managed = Some(memu_crds::cluster::ManagedDatabase {
+        shards: Some(4),
+        ..Default::default()
+    });
+    let d = desired(&cluster, ALL).unwrap();
+    let names: Vec<_> = d
+        .stateful_sets
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "memu-large-citus-coordinator",
+            "memu-large-citus-worker-0",
+            "memu-large-citus-worker-1",
+            "memu-large-citus-worker-2",
+            "memu-large-citus-worker-3"
+        ]
+    );
+    for sts in &d.stateful_sets {
+        // Retain: the database outlives the MemUCluster.
+        assert!(sts.metadata.owner_references.is_none());
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.service_name.as_deref(), Some("memu-large-citus-nodes"));
+        // Each StatefulSet selects only its own pod.
+        let selector = spec.selector.match_labels.as_ref().unwrap();
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+        assert_eq!(
+            selector["memu.dev/database"],
+            sts.metadata.name.clone().unwrap()
+        );
+    }
+    let headless = d
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("memu-large-citus-nodes"))
+        .unwrap();
+    assert_eq!(
+        headless.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("None")
+    );
+    // Workers reach the coordinator with generated credentials, never a clear-text password.
+    let env = env_of(&d);
+    let url = env.iter().find(|e| e.name == "DATABASE_URL").unwrap();
+    assert_eq!(
+        url.value.as_deref(),
+        Some(
+            "postgres://$(DB_USER):$(DB_PASSWORD)@memu-large-citus-coordinator.apps.svc:5432/$(DB_NAME)"
+        )
+    );
+    let password = env.iter().find(|e| e.name == "DB_PASSWORD").unwrap();
+    assert_eq!(
+        password
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "memu-large-citus-credentials"
+    );
+    // The migrations Job also distributes the tables by user_id.
+    let args = d.jobs[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert_eq!(args, ["migrate", "--distribute"]);
+    // pg_dist_node must list pod 0 of every worker StatefulSet.
+    let workers = render::citus_workers(&cluster);
+    assert_eq!(workers.len(), 4);
+    assert_eq!(
+        workers[3].host,
+        "memu-large-citus-worker-3-0.memu-large-citus-nodes.apps.svc"
+    );
+    let secret = render::citus_credentials(&cluster, "pw");
+    assert_eq!(secret.string_data.unwrap()["password"], "pw");
 }

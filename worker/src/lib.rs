@@ -5,10 +5,13 @@
 
 pub mod api;
 pub mod config;
+pub mod llm;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod prompts;
 pub mod providers;
+pub mod retrieval;
 pub mod server;
 pub mod service;
 pub mod store;

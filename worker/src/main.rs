@@ -28,7 +28,11 @@ enum Command {
         role: Option<RoleArg>,
     },
     /// Apply database migrations and create the vector schema, then exit.
-    Migrate,
+    Migrate {
+        /// Then distribute the tables by user_id (Citus coordinator only).
+        #[arg(long)]
+        distribute: bool,
+    },
     /// Print the effective configuration (defaults + file + environment) as YAML.
     Config,
     /// Print the OpenAPI document as JSON.
@@ -89,9 +93,13 @@ async fn run() -> anyhow::Result<()> {
     init_logging(&cfg.logging);
     server::install_crypto_provider();
     match cli.command {
-        Command::Migrate => {
-            server::build_service(cfg, true).await?;
+        Command::Migrate { distribute } => {
+            server::build_service(cfg.clone(), true).await?;
             tracing::info!("migrations applied");
+            if distribute {
+                let tables = memu_worker::store::postgres::distribute_by_user(&cfg).await?;
+                tracing::info!(?tables, "tables distributed by user_id");
+            }
         }
         Command::Serve { role } => {
             if let Some(role) = role {

@@ -43,6 +43,14 @@ pub struct TokenLabels {
     pub kind: String,
 }
 
+/// One LLM step of the pipeline or of retrieve (`extract`, `resolve`, `categorize`, `route`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PromptLabels {
+    pub provider: String,
+    pub model: String,
+    pub prompt: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: String,
@@ -78,6 +86,9 @@ pub struct Metrics {
     pub llm_requests: Family<ModelOutcomeLabels, Counter>,
     pub llm_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
     pub llm_tokens: Family<TokenLabels, Counter>,
+    pub llm_prompt_calls: Family<PromptLabels, Counter>,
+    pub llm_cost: Family<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub llm_invalid_answers: Family<PromptLabels, Counter>,
     pub vector_search_duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
     pub memorize_tasks: Family<StatusLabels, Counter>,
     pub memorize_duration: Histogram,
@@ -107,6 +118,9 @@ impl Metrics {
         let llm_duration: Family<ModelLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
         let llm_tokens = Family::<TokenLabels, Counter>::default();
+        let llm_prompt_calls = Family::<PromptLabels, Counter>::default();
+        let llm_cost = Family::<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        let llm_invalid_answers = Family::<PromptLabels, Counter>::default();
         let vector_search_duration: Family<BackendLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
         let memorize_tasks = Family::<StatusLabels, Counter>::default();
@@ -165,6 +179,21 @@ impl Metrics {
         );
         registry.register("memu_llm_tokens", "LLM tokens by kind", llm_tokens.clone());
         registry.register(
+            "memu_llm_prompt_calls",
+            "LLM calls by pipeline or retrieve step",
+            llm_prompt_calls.clone(),
+        );
+        registry.register(
+            "memu_llm_cost_usd",
+            "Cost of LLM calls in US dollars, from llm.prices",
+            llm_cost.clone(),
+        );
+        registry.register(
+            "memu_llm_invalid_answers",
+            "LLM answers that were not valid JSON for their step (before repair)",
+            llm_invalid_answers.clone(),
+        );
+        registry.register(
             "memu_vector_search_duration_seconds",
             "Vector search latency inside the store",
             vector_search_duration.clone(),
@@ -197,6 +226,9 @@ impl Metrics {
             llm_requests,
             llm_duration,
             llm_tokens,
+            llm_prompt_calls,
+            llm_cost,
+            llm_invalid_answers,
             vector_search_duration,
             memorize_tasks,
             memorize_duration,

@@ -77,6 +77,14 @@ impl Resource {
         serde_json::from_value(self.content.get("messages").cloned().unwrap_or_default())
             .unwrap_or_default()
     }
+    /// The text of a document resource (empty for other modalities).
+    pub fn document_text(&self) -> String {
+        self.content
+            .get("text")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
     pub fn session_date(&self) -> Option<DateTime<Utc>> {
         self.content
             .get("session_date")
@@ -189,6 +197,8 @@ pub struct CategoryUpdate {
 #[derive(Clone, Debug, Default)]
 pub struct MemorizeOutcome {
     pub items: Vec<NewItem>,
+    /// Existing items rewritten by dedupe (same id; new text, embedding and history in `extra`).
+    pub revisions: Vec<NewItem>,
     pub links: Vec<CategoryLink>,
     pub category_updates: Vec<CategoryUpdate>,
     pub resource_caption: Option<String>,
@@ -264,4 +274,35 @@ pub fn normalize(v: &mut [f32]) {
     if norm > 0.0 {
         v.iter_mut().for_each(|x| *x /= norm);
     }
+}
+
+/// One LLM call, as written to the cost log.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LlmUsage {
+    pub id: Uuid,
+    pub user_id: String,
+    pub task_id: Option<Uuid>,
+    /// `memorize` or `retrieve`.
+    pub operation: String,
+    /// The step: `extract`, `resolve`, `categorize`, `route`, `sufficient`.
+    pub prompt: String,
+    pub provider: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency_ms: u64,
+    pub cost_usd: f64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Totals of a user's LLM calls for one provider, model and operation.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+pub struct UsageTotals {
+    pub operation: String,
+    pub provider: String,
+    pub model: String,
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
 }

@@ -14,7 +14,7 @@ use crate::api;
 use crate::metrics::Metrics;
 use crate::pipeline;
 use crate::providers::build_embedder;
-use crate::service::{MemoryService, embedding_space};
+use crate::service::{LlmModels, MemoryService, embedding_space};
 use crate::store;
 
 /// Installs the process-wide rustls crypto provider (ring) once; reqwest and sqlx use it.
@@ -35,9 +35,10 @@ pub async fn build_service(
     if migrate {
         store.migrate().await.context("database migration failed")?;
     }
-    Ok(Arc::new(MemoryService::new(
-        config, store, embedder, metrics,
-    )))
+    let llm = LlmModels::from_config(&config, metrics.clone())?;
+    Ok(Arc::new(
+        MemoryService::new(config, store, embedder, metrics).with_llm(llm),
+    ))
 }
 
 /// A future that resolves on SIGTERM or Ctrl-C.

@@ -14,9 +14,9 @@ use memu_crds::worker::WorkerConfig;
 use crate::metrics::{BackendLabels, Metrics};
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Message, Modality,
-    NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, dot,
+    NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, UsageTotals, dot,
 };
-use crate::providers::{Embedder, ProviderError};
+use crate::providers::{ChatModel, Embedder, ProviderError, build_chat};
 use crate::store::{EmbeddingSpace, MemoryStore, StoreError, UserExport};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,32 @@ pub enum ServiceError {
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An LLM answered, but not with anything usable (after the repair attempt).
+    #[error("{0}")]
+    ModelOutput(String),
+    /// A job ran out of its time budget.
+    #[error("{0}")]
+    Budget(String),
+}
+
+/// Chat models per pipeline role; all `None` in offline mode.
+#[derive(Clone, Default)]
+pub struct LlmModels {
+    pub extraction: Option<Arc<dyn ChatModel>>,
+    pub categorization: Option<Arc<dyn ChatModel>>,
+    pub retrieval: Option<Arc<dyn ChatModel>>,
+}
+
+impl LlmModels {
+    /// The models of `config.llm` (each role falls back to `llm.provider`).
+    pub fn from_config(config: &WorkerConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let llm = &config.llm;
+        Ok(Self {
+            extraction: build_chat(config, llm.extraction.as_deref(), metrics.clone())?,
+            categorization: build_chat(config, llm.categorization.as_deref(), metrics.clone())?,
+            retrieval: build_chat(config, llm.retrieval.as_deref(), metrics)?,
+        })
+    }
 }
 
 pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ServiceError {
@@ -49,14 +75,29 @@ pub struct MemorizeInput {
     pub messages: Vec<Message>,
 }
 
+/// How retrieve ranks memories.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RetrieveMethod {
+    /// Vector similarity only: one embedding request (none when cached), no LLM call.
+    #[default]
+    Rag,
+    /// Vector and full-text ranks fused (RRF): finds names and numbers vectors miss.
+    Hybrid,
+    /// memU's LLM flow: route, rewrite, and stop at the first tier that suffices.
+    Llm,
+}
+
 /// A validated retrieve request.
 #[derive(Clone, Debug)]
 pub struct RetrieveInput {
     pub user_id: String,
     pub agent_id: Option<String>,
     pub query: String,
+    /// Earlier messages of a conversation query, oldest first (`role`, `content`).
+    pub context: Vec<(String, String)>,
     pub top_k: usize,
     pub filter: ItemFilter,
+    pub method: RetrieveMethod,
 }
 
 #[derive(Clone, Debug)]
@@ -67,7 +108,14 @@ pub struct ScoredCategory {
 
 #[derive(Clone, Debug)]
 pub struct RetrieveOutput {
+    /// The query searched with (rewritten in `llm` mode).
     pub query: String,
+    /// `llm` mode: false when the router decided the message needs no memories.
+    pub needs_memory: bool,
+    /// `llm` mode: the tier after which the recall was judged sufficient
+    /// (`categories`, `items`, or `resources` when every tier was searched).
+    pub sufficient_after: Option<&'static str>,
+    pub llm_calls: usize,
     pub categories: Vec<ScoredCategory>,
     pub items: Vec<ScoredItem>,
     pub resources: Vec<Resource>,
@@ -80,6 +128,7 @@ pub struct MemoryService {
     pub config: Arc<WorkerConfig>,
     pub store: Arc<dyn MemoryStore>,
     pub embedder: Arc<dyn Embedder>,
+    pub llm: LlmModels,
     pub metrics: Arc<Metrics>,
     /// Wakes this process's pipeline as soon as a job is enqueued.
     pub new_work: Arc<Notify>,
@@ -107,6 +156,7 @@ impl MemoryService {
             config,
             store,
             embedder,
+            llm: LlmModels::default(),
             metrics,
             new_work: Arc::new(Notify::new()),
             query_cache: Mutex::new(lru::LruCache::new(cache)),
@@ -114,8 +164,20 @@ impl MemoryService {
         }
     }
 
-    /// Stores the conversation and queues it; the pipeline extracts memories from it.
-    pub async fn memorize(&self, input: MemorizeInput) -> Result<Task, ServiceError> {
+    /// Uses these chat models for memorize and `llm` retrieve.
+    pub fn with_llm(mut self, llm: LlmModels) -> Self {
+        self.llm = llm;
+        self
+    }
+
+    /// Stores the conversation and queues it; the pipeline extracts memories from it. The same
+    /// conversation memorized again for the same scope is not extracted twice: the earlier task
+    /// is returned, with `true`.
+    pub async fn memorize(&self, input: MemorizeInput) -> Result<(Task, bool), ServiceError> {
+        let hash = content_hash(&serde_json::json!(input.messages));
+        if let Some(task) = self.store.find_memorized(&input.scope, &hash).await? {
+            return Ok((task, true));
+        }
         let now = Utc::now();
         let content = serde_json::json!({
             "messages": input.messages,
@@ -149,7 +211,7 @@ impl MemoryService {
             .enqueue_memorize(&resource, &task, input.user_name.as_deref())
             .await?;
         self.new_work.notify_one();
-        Ok(task)
+        Ok((task, false))
     }
 
     pub async fn task(&self, id: Uuid) -> Result<Task, ServiceError> {
@@ -218,11 +280,46 @@ impl MemoryService {
     }
 
     pub async fn retrieve(&self, input: RetrieveInput) -> Result<RetrieveOutput, ServiceError> {
-        let query = self.embed_query(&input.query).await?;
+        match input.method {
+            RetrieveMethod::Llm => crate::retrieval::retrieve_llm(self, input).await,
+            method => {
+                let query = self.embed_query(&input.query).await?;
+                let items = self
+                    .search(&input, &query, method == RetrieveMethod::Hybrid)
+                    .await?;
+                let scope = Scope::new(&input.user_id, input.agent_id.clone());
+                let categories = self.rank_categories(&scope, &query).await?;
+                let resources = self.sources(&input.user_id, &items).await?;
+                Ok(RetrieveOutput {
+                    query: input.query,
+                    needs_memory: true,
+                    sufficient_after: None,
+                    llm_calls: 0,
+                    categories,
+                    items,
+                    resources,
+                })
+            }
+        }
+    }
+
+    /// The top items for a query vector; with `hybrid`, fused with the full-text ranking.
+    pub async fn search(
+        &self,
+        input: &RetrieveInput,
+        query: &[f32],
+        hybrid: bool,
+    ) -> Result<Vec<ScoredItem>, ServiceError> {
         let started = Instant::now();
-        let items = self
+        // Fusion needs candidates beyond the final k from both lists.
+        let depth = if hybrid {
+            (input.top_k * 3).max(20)
+        } else {
+            input.top_k
+        };
+        let by_vector = self
             .store
-            .search_items(&input.user_id, &query, &input.filter, input.top_k)
+            .search_items(&input.user_id, query, &input.filter, depth)
             .await?;
         self.metrics
             .vector_search_duration
@@ -230,33 +327,56 @@ impl MemoryService {
                 backend: self.store.backend().to_string(),
             })
             .observe(started.elapsed().as_secs_f64());
-        let scope = Scope::new(&input.user_id, input.agent_id.clone());
+        if !hybrid {
+            return Ok(by_vector);
+        }
+        let by_text = self
+            .store
+            .search_text(&input.user_id, &input.query, &input.filter, depth)
+            .await?;
+        Ok(crate::retrieval::fuse_ranks(
+            &[by_vector, by_text],
+            input.top_k,
+        ))
+    }
+
+    /// The scope's categories that have a summary, most similar to the query first.
+    pub async fn rank_categories(
+        &self,
+        scope: &Scope,
+        query: &[f32],
+    ) -> Result<Vec<ScoredCategory>, ServiceError> {
         let mut categories: Vec<ScoredCategory> = self
             .store
-            .list_categories(&scope)
+            .list_categories(scope)
             .await?
             .into_iter()
             .filter(|c| !c.summary.is_empty() && c.embedding.len() == query.len())
             .map(|c| ScoredCategory {
-                score: dot(&c.embedding, &query),
+                score: dot(&c.embedding, query),
                 category: c,
             })
             .collect();
         categories.sort_by(|a, b| b.score.total_cmp(&a.score));
         categories.truncate(RETRIEVE_CATEGORIES);
-        let mut resource_ids: Vec<Uuid> = items.iter().filter_map(|i| i.item.resource_id).collect();
-        resource_ids.sort();
-        resource_ids.dedup();
-        let resources = self
-            .store
-            .get_resources(&input.user_id, &resource_ids)
-            .await?;
-        Ok(RetrieveOutput {
-            query: input.query,
-            categories,
-            items,
-            resources,
-        })
+        Ok(categories)
+    }
+
+    /// The resources the items were extracted from.
+    pub async fn sources(
+        &self,
+        user_id: &str,
+        items: &[ScoredItem],
+    ) -> Result<Vec<Resource>, ServiceError> {
+        let mut ids: Vec<Uuid> = items.iter().filter_map(|i| i.item.resource_id).collect();
+        ids.sort();
+        ids.dedup();
+        Ok(self.store.get_resources(user_id, &ids).await?)
+    }
+
+    /// The user's LLM cost log, totalled.
+    pub async fn usage(&self, user_id: &str) -> Result<Vec<UsageTotals>, ServiceError> {
+        Ok(self.store.llm_usage_totals(user_id).await?)
     }
 
     pub async fn categories(&self, scope: &Scope) -> Result<Vec<Category>, ServiceError> {

@@ -129,8 +129,32 @@ async fn round_trip(server: &TestServer) {
     );
     assert!(cats.iter().all(|c| c["user_id"] == "maria"));
 
-    // Memorizing the same conversation again adds no duplicate profile items.
-    memorize_and_wait(server, "maria").await;
+    // The same conversation again is recognised by its content hash: the earlier task comes back.
+    let (status, again) = server
+        .post(
+            "/api/v3/memory/memorize",
+            json!({"user_id": "maria", "user_name": "Maria", "session_date": "2025-05-01", "conversation": conversation()}),
+        )
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["status"], "SUCCESS");
+    assert!(
+        again["message"]
+            .as_str()
+            .unwrap()
+            .contains("memorized before")
+    );
+    // Another conversation repeating a fact adds no duplicate profile item.
+    let (status, other) = server
+        .post(
+            "/api/v3/memory/memorize",
+            json!({"user_id": "maria", "user_name": "Maria", "conversation": [
+                {"role": "user", "content": "As I said, I live in Lisbon."}]}),
+        )
+        .await;
+    assert_eq!(status, 202, "{other}");
+    let task = server.wait_task(other["task_id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "SUCCESS", "{task}");
     let (_, page) = server
         .get("/api/v1/users/maria/items?memory_type=profile&limit=100")
         .await;

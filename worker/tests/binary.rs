@@ -69,6 +69,33 @@ fn help_and_startup_errors_name_the_problem() {
     assert!(String::from_utf8_lossy(&no_dsn.stderr).contains("DATABASE_URL"));
 }
 
+#[tokio::test]
+async fn migrate_distribute_needs_citus_and_keeps_the_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let dsn = common::fresh_database().await;
+    let out = run(worker(dir.path())
+        .args(["migrate", "--distribute"])
+        .env("MEMU_DATABASE__BACKEND", "postgres")
+        .env("DATABASE_URL", &dsn)
+        .env("MEMU_PROVIDERS__LOCAL__MODEL_DIR", common::model_dir()));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("citus extension is not installed"),
+        "{stderr}"
+    );
+    // The plain migration ran first and stays applied.
+    let pool = sqlx::PgPool::connect(&dsn).await.unwrap();
+    let (tables,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN \
+         ('users', 'resources', 'memory_items', 'memory_categories', 'category_items', 'memorize_tasks')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 6);
+}
+
 #[test]
 fn effective_config_is_printed() {
     let dir = tempfile::tempdir().unwrap();

@@ -191,6 +191,7 @@ async fn memorize_job_round_trip(pg: bool) {
             embedding: vector(1, 0.0),
         }],
         resource_caption: Some("caption".into()),
+        revisions: Vec::new(),
     };
     store.complete_task(&claimed, outcome).await.unwrap();
     let done = store.get_task(task.id).await.unwrap().unwrap();

@@ -84,6 +84,12 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
             ServiceError::Provider(p) => provider_error(p),
             ServiceError::Store(s) => store_error(s),
+            ServiceError::ModelOutput(message) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "model_output", message)
+            }
+            ServiceError::Budget(message) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+            }
         }
     }
 }

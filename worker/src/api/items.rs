@@ -11,7 +11,9 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
 use super::memu::check_id;
-use crate::model::{DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Scope};
+use crate::model::{
+    DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Scope, UsageTotals,
+};
 use crate::store::UserExport;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -294,4 +296,36 @@ pub async fn export(
 ) -> Result<Json<UserExport>, ApiError> {
     check_user(&state, &user_id)?;
     Ok(Json(state.service.export_user(&user_id).await?))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageResponse {
+    pub user_id: String,
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// From `llm.prices`; models without a price count 0.
+    pub cost_usd: f64,
+    /// Per operation (`memorize`, `retrieve`), provider and model.
+    pub breakdown: Vec<UsageTotals>,
+}
+
+/// The user's LLM calls, tokens and cost (the cost log, totalled).
+#[utoipa::path(get, path = "/api/v1/users/{user_id}/usage", tag = "users",
+    params(("user_id" = String, Path)),
+    responses((status = 200, body = UsageResponse), (status = 422, body = ErrorBody)))]
+pub async fn usage(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+) -> Result<Json<UsageResponse>, ApiError> {
+    check_user(&state, &user_id)?;
+    let breakdown = state.service.usage(&user_id).await?;
+    Ok(Json(UsageResponse {
+        calls: breakdown.iter().map(|u| u.calls).sum(),
+        prompt_tokens: breakdown.iter().map(|u| u.prompt_tokens).sum(),
+        completion_tokens: breakdown.iter().map(|u| u.completion_tokens).sum(),
+        cost_usd: breakdown.iter().map(|u| u.cost_usd).sum(),
+        user_id,
+        breakdown,
+    }))
 }

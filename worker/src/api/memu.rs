@@ -105,9 +105,23 @@ pub struct QueryMessage {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RetrieveMethod {
+    /// Vector similarity: no LLM call, one embedding request (none when cached).
     #[default]
     Rag,
+    /// Vector and full-text ranks fused: finds names and numbers that vectors miss.
+    Hybrid,
+    /// memU's LLM flow: route and rewrite the query, stop at the first sufficient tier.
     Llm,
+}
+
+impl From<RetrieveMethod> for crate::service::RetrieveMethod {
+    fn from(m: RetrieveMethod) -> Self {
+        match m {
+            RetrieveMethod::Rag => Self::Rag,
+            RetrieveMethod::Hybrid => Self::Hybrid,
+            RetrieveMethod::Llm => Self::Llm,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, ToSchema)]
@@ -159,6 +173,14 @@ pub struct RetrievedResource {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RetrieveResponse {
     pub rewritten_query: String,
+    /// `llm` method: false when the message needs no memories (nothing is searched).
+    pub needs_memory: bool,
+    /// `llm` method: the tier after which the recall sufficed (`categories`, `items`,
+    /// `resources`); tiers after it are left empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sufficient_after: Option<String>,
+    /// LLM calls this retrieve made (0 for `rag` and `hybrid`).
+    pub llm_calls: usize,
     pub categories: Vec<RetrievedCategory>,
     pub items: Vec<RetrievedItem>,
     pub resources: Vec<RetrievedResource>,
@@ -168,6 +190,9 @@ impl From<RetrieveOutput> for RetrieveResponse {
     fn from(out: RetrieveOutput) -> Self {
         Self {
             rewritten_query: out.query,
+            needs_memory: out.needs_memory,
+            sufficient_after: out.sufficient_after.map(str::to_string),
+            llm_calls: out.llm_calls,
             categories: out
                 .categories
                 .into_iter()
@@ -338,13 +363,22 @@ pub async fn memorize(
     ApiJson(req): ApiJson<MemorizeRequest>,
 ) -> Result<(StatusCode, Json<MemorizeResponse>), ApiError> {
     let input = memorize_input(&state, req)?;
-    let task = state.service.memorize(input).await?;
+    let (task, repeated) = state.service.memorize(input).await?;
+    let message = if repeated {
+        "this conversation was memorized before for this user and agent: returning its task".into()
+    } else {
+        "memorize task queued".into()
+    };
     Ok((
-        StatusCode::ACCEPTED,
+        if repeated {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        },
         Json(MemorizeResponse {
             task_id: task.id,
             status: task.status,
-            message: "memorize task queued".into(),
+            message,
         }),
     ))
 }
@@ -362,9 +396,10 @@ pub async fn memorize_status(
     Ok(Json(state.service.task(id).await?.into()))
 }
 
-fn query_text(query: Query) -> Result<String, ApiError> {
-    let text = match query {
-        Query::Text(t) => t,
+/// The query text and, for a conversation, the messages before it (the `llm` router's context).
+fn query_text(query: Query) -> Result<(String, Vec<(String, String)>), ApiError> {
+    let (text, context) = match query {
+        Query::Text(t) => (t, Vec::new()),
         Query::Conversation(messages) => {
             let last_user = messages.iter().rposition(|m| m.role == "user");
             let index = last_user.or(messages.len().checked_sub(1)).ok_or_else(|| {
@@ -373,18 +408,19 @@ fn query_text(query: Query) -> Result<String, ApiError> {
                     "query must be a string or a non-empty list of messages",
                 )
             })?;
-            messages
+            let mut texts: Vec<(String, String)> = messages
                 .into_iter()
-                .nth(index)
-                .expect("index in range")
-                .content
-                .into_text()
+                .take(index + 1)
+                .map(|m| (m.role, m.content.into_text()))
+                .collect();
+            let (_, text) = texts.pop().expect("index in range");
+            (text, texts)
         }
     };
     if text.trim().is_empty() {
         return Err(ApiError::invalid("query", "query must not be empty"));
     }
-    Ok(text)
+    Ok((text, context))
 }
 
 /// Retrieve the memories of one user that matter for a query.
@@ -407,7 +443,8 @@ pub async fn retrieve(
             format!("top_k must be between 1 and {}", memory.max_top_k),
         ));
     }
-    if req.method == Some(RetrieveMethod::Llm) && state.service.config.llm.is_offline() {
+    let method = req.method.unwrap_or_default();
+    if method == RetrieveMethod::Llm && state.service.config.llm.is_offline() {
         return Err(ApiError::invalid(
             "method",
             "method `llm` needs an LLM provider (set llm.provider); this worker runs offline, use `rag`",
@@ -421,7 +458,10 @@ pub async fn retrieve(
             "since must be earlier than until",
         ));
     }
+    let (query, context) = query_text(req.query)?;
     let input = RetrieveInput {
+        method: method.into(),
+        context,
         filter: ItemFilter {
             agent_id: req.agent_id.clone(),
             memory_types: req.memory_types.unwrap_or_default(),
@@ -430,7 +470,7 @@ pub async fn retrieve(
         },
         user_id: req.user_id,
         agent_id: req.agent_id,
-        query: query_text(req.query)?,
+        query,
         top_k,
     };
     Ok(Json(state.service.retrieve(input).await?.into()))

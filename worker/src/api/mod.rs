@@ -56,6 +56,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(items::get, items::update, items::delete))
         .routes(routes!(items::delete_user))
         .routes(routes!(items::export))
+        .routes(routes!(items::usage))
 }
 
 /// The OpenAPI document of the API (also served at `/openapi.json`).

@@ -17,6 +17,7 @@ use crate::model::{
 };
 use crate::service::{MemoryService, ServiceError};
 
+pub mod llm;
 pub mod offline;
 
 /// Runs `concurrency` job loops until `shutdown` turns true; a loop finishes its current job
@@ -90,7 +91,27 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
             }
         })
     };
-    let result = match memorize_offline(service, &task, &resource).await {
+    let mut session = crate::llm::LlmSession::new(
+        &service.metrics,
+        &service.config.llm.prices,
+        &task.user_id,
+        Some(task.id),
+        "memorize",
+    );
+    let budget = Duration::from_secs(service.config.pipeline.job_timeout_secs);
+    let job = async {
+        if service.llm.extraction.is_some() {
+            llm::memorize(service, &task, &resource, &mut session).await
+        } else {
+            memorize_offline(service, &task, &resource).await
+        }
+    };
+    let result = match tokio::time::timeout(budget, job).await.unwrap_or_else(|_| {
+        Err(ServiceError::Budget(format!(
+            "the job did not finish within pipeline.job_timeout_secs ({}s)",
+            budget.as_secs()
+        )))
+    }) {
         Ok(outcome) => {
             let written = outcome.items.len() as u64;
             let stored = service.store.complete_task(&task, outcome).await;
@@ -102,6 +123,12 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
         Err(e) => Err(e),
     };
     heartbeat.abort();
+    // The cost log keeps every call, also those of a failed attempt.
+    if !session.calls.is_empty()
+        && let Err(e) = service.store.record_llm_usage(&session.calls).await
+    {
+        tracing::warn!(error = %e, task_id = %task.id, "cannot write the LLM cost log");
+    }
     service
         .metrics
         .memorize_duration
@@ -139,7 +166,7 @@ fn count(service: &MemoryService, status: &str) {
 fn retryable(e: &ServiceError) -> bool {
     match e {
         ServiceError::Provider(p) => p.is_retryable(),
-        ServiceError::Store(_) => true,
+        ServiceError::Store(_) | ServiceError::Budget(_) => true,
         _ => false,
     }
 }
@@ -223,16 +250,7 @@ pub async fn memorize_offline(
         })
         .collect();
 
-    let spec_vectors = service.category_spec_vectors().await?;
-    let anchor = |c: &Category| -> Vec<f32> {
-        config
-            .categories
-            .iter()
-            .position(|s| s.name == c.name)
-            .map(|i| spec_vectors[i].clone())
-            .unwrap_or_else(|| c.embedding.clone())
-    };
-    let anchors: Vec<(Uuid, Vec<f32>)> = categories.iter().map(|c| (c.id, anchor(c))).collect();
+    let anchors = category_anchors(service, &categories).await?;
     let links = assign_categories(&items, &anchors, config.category_min_similarity);
 
     // New summaries of the touched categories: their newest items, the new ones first.
@@ -288,7 +306,29 @@ pub async fn memorize_offline(
         links,
         category_updates,
         resource_caption: Some(offline::caption(&messages)),
+        ..Default::default()
     })
+}
+
+/// What each category is compared with when filing by similarity: the embedding of its
+/// configured description (stable, unlike its summary), else its stored embedding.
+pub async fn category_anchors(
+    service: &MemoryService,
+    categories: &[Category],
+) -> Result<Vec<(Uuid, Vec<f32>)>, ServiceError> {
+    let specs = &service.config.memory.categories;
+    let spec_vectors = service.category_spec_vectors().await?;
+    Ok(categories
+        .iter()
+        .map(|c| {
+            let v = specs
+                .iter()
+                .position(|s| s.name == c.name)
+                .map(|i| spec_vectors[i].clone())
+                .unwrap_or_else(|| c.embedding.clone());
+            (c.id, v)
+        })
+        .collect())
 }
 
 /// Each item joins its most similar category, and every other one at or above `min_similarity`.

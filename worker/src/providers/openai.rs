@@ -11,7 +11,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use memu_crds::worker::{ProviderPreset, ProviderProfile};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use memu_crds::worker::{ProviderPreset, ProviderProfile, StructuredOutput};
 
 use super::{ChatModel, ChatRequest, ChatResponse, Embedder, ProviderError, ResponseFormat, Usage};
 use crate::config::read_secret_string;
@@ -34,6 +36,9 @@ pub struct OpenAiClient {
     expected_dimension: Option<usize>,
     batch_size: usize,
     max_retries: u32,
+    structured_output: StructuredOutput,
+    /// Set once the provider has refused `json_schema`: later calls use `json_object`.
+    schema_refused: AtomicBool,
     slots: Semaphore,
     metrics: Arc<Metrics>,
 }
@@ -113,6 +118,8 @@ impl OpenAiClient {
             expected_dimension: None,
             batch_size: profile.embed_batch_size,
             max_retries: profile.max_retries,
+            structured_output: profile.structured_output(),
+            schema_refused: AtomicBool::new(false),
             slots: Semaphore::new(profile.max_concurrency),
             metrics,
         })
@@ -362,23 +369,71 @@ impl ChatModel for OpenAiClient {
                 self.name, self.name
             )));
         }
-        let mut body = json!({ "model": self.chat_model, "messages": request.messages });
+        let wants_schema = matches!(request.response_format, ResponseFormat::JsonSchema { .. });
+        let mode = if self.schema_refused.load(Ordering::Relaxed) {
+            StructuredOutput::JsonObject
+        } else {
+            self.structured_output
+        };
+        match self.chat_as(&request, mode).await {
+            // Some OpenAI-compatible servers reject `json_schema`: ask again in JSON mode, with
+            // the schema in the prompt, and keep doing so for this profile.
+            Err(ProviderError::Http {
+                status: 400,
+                message,
+                ..
+            }) if wants_schema
+                && mode == StructuredOutput::JsonSchema
+                && (message.contains("response_format") || message.contains("json_schema")) =>
+            {
+                tracing::warn!(provider = %self.name, %message, "provider refused json_schema; using json_object");
+                self.schema_refused.store(true, Ordering::Relaxed);
+                self.chat_as(&request, StructuredOutput::JsonObject).await
+            }
+            other => other,
+        }
+    }
+}
+
+impl OpenAiClient {
+    /// One chat completion with JSON requested the way `mode` says.
+    async fn chat_as(
+        &self,
+        request: &ChatRequest,
+        mode: StructuredOutput,
+    ) -> Result<ChatResponse, ProviderError> {
+        let mut messages = request.messages.clone();
+        let mut body = json!({ "model": self.chat_model });
         if let Some(t) = request.temperature {
             body["temperature"] = json!(t);
         }
         if let Some(m) = request.max_tokens {
             body["max_tokens"] = json!(m);
         }
-        match &request.response_format {
-            ResponseFormat::Text => {}
-            ResponseFormat::JsonObject => body["response_format"] = json!({"type": "json_object"}),
-            ResponseFormat::JsonSchema { name, schema } => {
+        match (&request.response_format, mode) {
+            (ResponseFormat::Text, _) => {}
+            (ResponseFormat::JsonObject, StructuredOutput::Prompt) => {}
+            (ResponseFormat::JsonObject, _) => {
+                body["response_format"] = json!({"type": "json_object"})
+            }
+            (ResponseFormat::JsonSchema { name, schema }, StructuredOutput::JsonSchema) => {
                 body["response_format"] = json!({
                     "type": "json_schema",
                     "json_schema": {"name": name, "schema": schema, "strict": true}
                 })
             }
+            (ResponseFormat::JsonSchema { schema, .. }, other) => {
+                let instruction = crate::prompts::schema_instruction(schema);
+                match messages.iter_mut().find(|m| m.role == "system") {
+                    Some(system) => system.content.push_str(&instruction),
+                    None => messages.insert(0, super::ChatMessage::system(instruction)),
+                }
+                if other == StructuredOutput::JsonObject {
+                    body["response_format"] = json!({"type": "json_object"});
+                }
+            }
         }
+        body["messages"] = json!(messages);
         let labels = ModelLabels {
             provider: self.name.clone(),
             model: self.chat_model.clone(),

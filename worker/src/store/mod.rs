@@ -12,8 +12,8 @@ use uuid::Uuid;
 use memu_crds::worker::{CategorySpec, DatabaseBackend, WorkerConfig};
 
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
-    NewItem, Page, Resource, Scope, ScoredItem, Task,
+    Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
+    MemoryType, NewItem, Page, Resource, Scope, ScoredItem, Task, UsageTotals,
 };
 
 pub mod postgres;
@@ -100,7 +100,15 @@ pub trait MemoryStore: Send + Sync + 'static {
         worker_id: &str,
         lease: Duration,
     ) -> Result<(), StoreError>;
-    /// Writes the job's results and marks the task SUCCESS, in one transaction.
+    /// The newest task of the scope whose resource has this content hash and that has not
+    /// FAILED: the same resource memorized again is recognised instead of extracted twice.
+    async fn find_memorized(
+        &self,
+        scope: &Scope,
+        content_hash: &str,
+    ) -> Result<Option<Task>, StoreError>;
+    /// Writes the job's results (new items, revised items, links, summaries) and marks the task
+    /// SUCCESS, in one transaction.
     async fn complete_task(&self, task: &Task, outcome: MemorizeOutcome) -> Result<(), StoreError>;
     /// Records a failure: back to PENDING when `retry`, else FAILED for good.
     async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError>;
@@ -126,6 +134,15 @@ pub trait MemoryStore: Send + Sync + 'static {
         &self,
         user_id: &str,
         query: &[f32],
+        filter: &ItemFilter,
+        k: usize,
+    ) -> Result<Vec<ScoredItem>, StoreError>;
+    /// Up to `k` items of the user matching the words of `query` (full text), best first; the
+    /// score is the backend's text rank (higher is better), comparable only within one answer.
+    async fn search_text(
+        &self,
+        user_id: &str,
+        query: &str,
         filter: &ItemFilter,
         k: usize,
     ) -> Result<Vec<ScoredItem>, StoreError>;
@@ -164,6 +181,34 @@ pub trait MemoryStore: Send + Sync + 'static {
         agent_id: Option<&str>,
     ) -> Result<DeletedCounts, StoreError>;
     async fn export_user(&self, user_id: &str) -> Result<UserExport, StoreError>;
+
+    /// Appends to the LLM cost log.
+    async fn record_llm_usage(&self, calls: &[LlmUsage]) -> Result<(), StoreError>;
+    /// The user's LLM calls, totalled per operation, provider and model.
+    async fn llm_usage_totals(&self, user_id: &str) -> Result<Vec<UsageTotals>, StoreError>;
+}
+
+/// Words of a full-text query: letters and digits only (so no query syntax gets through),
+/// lower-cased, without common English function words, at most 32.
+pub(crate) fn text_query_terms(query: &str) -> Vec<String> {
+    const STOP: &[&str] = &[
+        "a", "an", "and", "are", "as", "at", "be", "by", "did", "do", "does", "for", "from", "has",
+        "have", "how", "i", "in", "is", "it", "its", "me", "my", "of", "on", "or", "that", "the",
+        "their", "there", "this", "to", "was", "were", "what", "when", "where", "which", "who",
+        "why", "will", "with", "you", "your",
+    ];
+    let mut terms: Vec<String> = Vec::new();
+    for word in query
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let word = word.to_lowercase();
+        if !STOP.contains(&word.as_str()) && !terms.contains(&word) {
+            terms.push(word);
+        }
+    }
+    terms.truncate(32);
+    terms
 }
 
 /// Opens the configured store. `space` is the embedding space of the configured model.
@@ -215,6 +260,7 @@ pub(crate) fn erase_statements(by_agent: bool) -> Vec<(String, Option<CountSlot>
         (scoped("resources"), Some(|c| &mut c.resources)),
     ];
     if !by_agent {
+        statements.push(("DELETE FROM llm_usage WHERE user_id = $1".to_string(), None));
         statements.push(("DELETE FROM users WHERE user_id = $1".to_string(), None));
     }
     statements
@@ -253,5 +299,14 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
         assert!(decode_cursor("nope").is_err());
         assert!(decode_cursor("12_notauuid").is_err());
+    }
+
+    #[test]
+    fn text_queries_keep_names_and_numbers_only() {
+        assert_eq!(
+            text_query_terms("What is Maria's order number? #48213 \"OR\" NEAR(x)"),
+            ["maria", "s", "order", "number", "48213", "near", "x"]
+        );
+        assert!(text_query_terms("?? !!").is_empty());
     }
 }

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use pgvector::Vector;
@@ -15,12 +16,13 @@ use memu_crds::worker::{CategorySpec, VectorConfig, WorkerConfig};
 
 use super::{
     EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
-    encode_cursor, erase_statements,
+    encode_cursor, erase_statements, text_query_terms,
 };
 use crate::config::read_secret;
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
-    Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+    Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
+    MemoryType, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+    UsageTotals,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -113,6 +115,65 @@ async fn connect(dsn: &str, config: &WorkerConfig, what: &str) -> anyhow::Result
         .connect_with(options.application_name("memu-worker"))
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to the {what} database: {e}"))
+}
+
+/// Per-user tables in the order Citus must distribute them: `users` first, the rest co-located
+/// with it so a user's rows (and the joins between them) live on one worker.
+const DISTRIBUTED_TABLES: [&str; 7] = [
+    "users",
+    "resources",
+    "memory_items",
+    "memory_categories",
+    "category_items",
+    "memorize_tasks",
+    "llm_usage",
+];
+
+/// Citus: distributes every per-user table by `user_id` and makes `memu_meta` a reference table.
+/// Idempotent (tables already in `pg_dist_partition` are skipped), so the migrations Job can run
+/// it after every migration. Returns the tables it distributed now.
+pub async fn distribute_by_user(config: &WorkerConfig) -> anyhow::Result<Vec<String>> {
+    let db = &config.database;
+    let dsn = read_secret(&db.url_env, db.url_file.as_deref())?
+        .ok_or_else(|| anyhow::anyhow!("--distribute needs a Postgres DSN in {}", db.url_env))?;
+    let pool = connect(&dsn, config, "primary").await?;
+    let citus: Option<(String,)> =
+        sqlx::query_as("SELECT extversion FROM pg_extension WHERE extname = 'citus'")
+            .fetch_optional(&pool)
+            .await?;
+    if citus.is_none() {
+        anyhow::bail!(
+            "--distribute: the citus extension is not installed in this database \
+             (topology citus needs a Citus coordinator)"
+        );
+    }
+    let mut done = Vec::new();
+    for table in std::iter::once("memu_meta").chain(DISTRIBUTED_TABLES) {
+        let distributed: Option<(i32,)> =
+            sqlx::query_as("SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass($1)")
+                .bind(table)
+                .fetch_optional(&pool)
+                .await?;
+        if distributed.is_some() {
+            continue;
+        }
+        if table == "memu_meta" {
+            sqlx::query("SELECT create_reference_table($1)")
+                .bind(table)
+                .execute(&pool)
+                .await?;
+        } else {
+            let colocate = if table == "users" { "default" } else { "users" };
+            sqlx::query("SELECT create_distributed_table($1, 'user_id', colocate_with => $2)")
+                .bind(table)
+                .bind(colocate)
+                .execute(&pool)
+                .await
+                .with_context(|| format!("cannot distribute {table} by user_id"))?;
+        }
+        done.push(table.to_string());
+    }
+    Ok(done)
 }
 
 impl PgStore {
@@ -433,6 +494,26 @@ impl MemoryStore for PgStore {
         Ok(())
     }
 
+    async fn find_memorized(
+        &self,
+        scope: &Scope,
+        content_hash: &str,
+    ) -> Result<Option<Task>, StoreError> {
+        sqlx::query(
+            "SELECT t.* FROM memorize_tasks t JOIN resources r \
+               ON r.user_id = t.user_id AND r.id = t.resource_id \
+             WHERE r.user_id = $1 AND r.agent_id = $2 AND r.content_hash = $3 AND t.status <> 'FAILED' \
+             ORDER BY t.created_at DESC LIMIT 1",
+        )
+        .bind(&scope.user_id)
+        .bind(&scope.agent_id)
+        .bind(content_hash)
+        .fetch_optional(&self.primary)
+        .await?
+        .map(|r| task_from_row(&r))
+        .transpose()
+    }
+
     async fn claim_task(
         &self,
         worker_id: &str,
@@ -501,10 +582,27 @@ impl MemoryStore for PgStore {
             return Ok(());
         }
         Self::insert_items_tx(&mut tx, &outcome.items).await?;
+        for revision in &outcome.revisions {
+            let item = &revision.item;
+            sqlx::query(
+                "UPDATE memory_items SET summary = $1, embedding = $2, extra = $3, happened_at = $4, \
+                 updated_at = $5 WHERE user_id = $6 AND id = $7",
+            )
+            .bind(&item.summary)
+            .bind(Vector::from(revision.embedding.clone()))
+            .bind(&item.extra)
+            .bind(item.happened_at)
+            .bind(item.updated_at)
+            .bind(&item.user_id)
+            .bind(item.id)
+            .execute(&mut *tx)
+            .await?;
+        }
         for link in &outcome.links {
             sqlx::query(
                 "INSERT INTO category_items (user_id, memory_item_id, category_id, confidence) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (user_id, memory_item_id, category_id) DO UPDATE SET confidence = EXCLUDED.confidence",
             )
             .bind(&task.user_id)
             .bind(link.item_id)
@@ -659,6 +757,41 @@ impl MemoryStore for PgStore {
                 Ok(ScoredItem {
                     item: item_from_row(row)?,
                     score: (1.0 - distance) as f32,
+                })
+            })
+            .collect()
+    }
+
+    async fn search_text(
+        &self,
+        user_id: &str,
+        query: &str,
+        filter: &ItemFilter,
+        k: usize,
+    ) -> Result<Vec<ScoredItem>, StoreError> {
+        let terms = text_query_terms(query);
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Any of the words (`|`): a question rarely shares all its words with the memory.
+        let tsquery = terms.join(" | ");
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {ITEM_COLUMNS}, ts_rank_cd(summary_tsv, q) AS rank \
+             FROM memory_items, to_tsquery('simple', "
+        ));
+        qb.push_bind(tsquery)
+            .push(") AS q WHERE summary_tsv @@ q AND user_id = ")
+            .push_bind(user_id.to_string());
+        Self::push_filter(&mut qb, filter);
+        qb.push(" ORDER BY rank DESC, id LIMIT ")
+            .push_bind(k as i64);
+        let rows = qb.build().fetch_all(self.reader()).await?;
+        rows.iter()
+            .map(|row| {
+                let rank: f32 = row.try_get("rank")?;
+                Ok(ScoredItem {
+                    item: item_from_row(row)?,
+                    score: rank,
                 })
             })
             .collect()
@@ -847,5 +980,57 @@ impl MemoryStore for PgStore {
                  'status', status, 'attempts', attempts, 'error', error, 'created_at', created_at) \
                  FROM memorize_tasks WHERE user_id = $1 ORDER BY created_at", user_id).await?,
         })
+    }
+
+    async fn record_llm_usage(&self, calls: &[LlmUsage]) -> Result<(), StoreError> {
+        let mut tx = self.primary.begin().await?;
+        for c in calls {
+            sqlx::query(
+                "INSERT INTO llm_usage (user_id, id, task_id, operation, prompt, provider, model, \
+                 prompt_tokens, completion_tokens, latency_ms, cost_usd, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(&c.user_id)
+            .bind(c.id)
+            .bind(c.task_id)
+            .bind(&c.operation)
+            .bind(&c.prompt)
+            .bind(&c.provider)
+            .bind(&c.model)
+            .bind(c.prompt_tokens as i64)
+            .bind(c.completion_tokens as i64)
+            .bind(c.latency_ms as i64)
+            .bind(c.cost_usd)
+            .bind(c.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn llm_usage_totals(&self, user_id: &str) -> Result<Vec<UsageTotals>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT operation, provider, model, count(*) AS calls, sum(prompt_tokens)::bigint AS prompt_tokens, \
+             sum(completion_tokens)::bigint AS completion_tokens, sum(cost_usd) AS cost_usd \
+             FROM llm_usage WHERE user_id = $1 GROUP BY operation, provider, model \
+             ORDER BY operation, provider, model",
+        )
+        .bind(user_id)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageTotals {
+                    operation: r.try_get("operation")?,
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    calls: r.try_get::<i64, _>("calls")? as u64,
+                    prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
+                    completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
+                    cost_usd: r.try_get("cost_usd")?,
+                })
+            })
+            .collect()
     }
 }

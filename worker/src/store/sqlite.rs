@@ -17,11 +17,12 @@ use memu_crds::worker::{CategorySpec, WorkerConfig};
 use super::vector_index::{RowMeta, UserIndexes};
 use super::{
     EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
-    encode_cursor, erase_statements,
+    encode_cursor, erase_statements, text_query_terms,
 };
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
-    Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+    Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
+    MemoryType, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+    UsageTotals,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -424,6 +425,26 @@ impl MemoryStore for SqliteStore {
         Ok(())
     }
 
+    async fn find_memorized(
+        &self,
+        scope: &Scope,
+        content_hash: &str,
+    ) -> Result<Option<Task>, StoreError> {
+        sqlx::query(
+            "SELECT t.* FROM memorize_tasks t JOIN resources r \
+               ON r.user_id = t.user_id AND r.id = t.resource_id \
+             WHERE r.user_id = ? AND r.agent_id = ? AND r.content_hash = ? AND t.status <> 'FAILED' \
+             ORDER BY t.created_at DESC LIMIT 1",
+        )
+        .bind(&scope.user_id)
+        .bind(&scope.agent_id)
+        .bind(content_hash)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| task_from_row(&r))
+        .transpose()
+    }
+
     async fn claim_task(
         &self,
         worker_id: &str,
@@ -477,10 +498,27 @@ impl MemoryStore for SqliteStore {
         let now = micros(Utc::now());
         let mut tx = self.pool.begin().await?;
         Self::insert_items_tx(&mut tx, &outcome.items).await?;
+        for revision in &outcome.revisions {
+            let item = &revision.item;
+            sqlx::query(
+                "UPDATE memory_items SET summary = ?, embedding = ?, extra = ?, happened_at = ?, \
+                 updated_at = ? WHERE user_id = ? AND id = ?",
+            )
+            .bind(&item.summary)
+            .bind(encode_vector(&revision.embedding))
+            .bind(item.extra.to_string())
+            .bind(item.happened_at.map(micros))
+            .bind(micros(item.updated_at))
+            .bind(&item.user_id)
+            .bind(item.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
         for link in &outcome.links {
             sqlx::query(
-                "INSERT OR IGNORE INTO category_items (user_id, memory_item_id, category_id, confidence) \
-                 VALUES (?, ?, ?, ?)",
+                "INSERT INTO category_items (user_id, memory_item_id, category_id, confidence) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (user_id, memory_item_id, category_id) \
+                 DO UPDATE SET confidence = excluded.confidence",
             )
             .bind(&task.user_id)
             .bind(link.item_id.to_string())
@@ -522,6 +560,7 @@ impl MemoryStore for SqliteStore {
         }
         tx.commit().await?;
         self.index_upsert(&outcome.items).await;
+        self.index_upsert(&outcome.revisions).await;
         Ok(())
     }
 
@@ -648,6 +687,58 @@ impl MemoryStore for SqliteStore {
             .into_iter()
             .filter_map(|(id, score)| items.remove(&id).map(|item| ScoredItem { item, score }))
             .collect())
+    }
+
+    async fn search_text(
+        &self,
+        user_id: &str,
+        query: &str,
+        filter: &ItemFilter,
+        k: usize,
+    ) -> Result<Vec<ScoredItem>, StoreError> {
+        let terms = text_query_terms(query);
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each word quoted (no FTS syntax gets through), any of them may match.
+        let expression = terms
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let columns: String = ITEM_COLUMNS
+            .split(',')
+            .map(|c| format!("m.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // The filter is applied to the rows read; read enough that it rarely starves the answer.
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {columns}, bm25(memory_fts) AS rank FROM memory_fts \
+             JOIN memory_items m ON m.user_id = memory_fts.user_id AND m.id = memory_fts.item_id \
+             WHERE memory_fts MATCH ? AND memory_fts.user_id = ? ORDER BY rank LIMIT ?"
+        )))
+        .bind(expression)
+        .bind(user_id)
+        .bind((k * 4 + 32) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for row in &rows {
+            let item = item_from_row(row)?;
+            if !filter.matches(&item) {
+                continue;
+            }
+            // bm25() is lower-is-better and negative: flip it so higher is better.
+            let rank: f64 = row.try_get("rank")?;
+            out.push(ScoredItem {
+                item,
+                score: -rank as f32,
+            });
+            if out.len() == k {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn list_items(
@@ -852,5 +943,57 @@ impl MemoryStore for SqliteStore {
                  'attempts', attempts, 'error', error, 'created_at', {}) FROM memorize_tasks WHERE user_id = ? ORDER BY created_at",
                 ts("created_at")), user_id).await?,
         })
+    }
+
+    async fn record_llm_usage(&self, calls: &[LlmUsage]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for c in calls {
+            sqlx::query(
+                "INSERT INTO llm_usage (user_id, id, task_id, operation, prompt, provider, model, \
+                 prompt_tokens, completion_tokens, latency_ms, cost_usd, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&c.user_id)
+            .bind(c.id.to_string())
+            .bind(c.task_id.map(|t| t.to_string()))
+            .bind(&c.operation)
+            .bind(&c.prompt)
+            .bind(&c.provider)
+            .bind(&c.model)
+            .bind(c.prompt_tokens as i64)
+            .bind(c.completion_tokens as i64)
+            .bind(c.latency_ms as i64)
+            .bind(c.cost_usd)
+            .bind(micros(c.created_at))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn llm_usage_totals(&self, user_id: &str) -> Result<Vec<UsageTotals>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT operation, provider, model, count(*) AS calls, sum(prompt_tokens) AS prompt_tokens, \
+             sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd \
+             FROM llm_usage WHERE user_id = ? GROUP BY operation, provider, model \
+             ORDER BY operation, provider, model",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageTotals {
+                    operation: r.try_get("operation")?,
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    calls: r.try_get::<i64, _>("calls")? as u64,
+                    prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
+                    completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
+                    cost_usd: r.try_get("cost_usd")?,
+                })
+            })
+            .collect()
     }
 }
