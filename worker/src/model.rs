@@ -77,6 +77,18 @@ impl Resource {
         serde_json::from_value(self.content.get("messages").cloned().unwrap_or_default())
             .unwrap_or_default()
     }
+    /// The resource as text: `role: content` lines of a conversation, or the document.
+    pub fn as_text(&self) -> String {
+        match self.modality {
+            Modality::Document => self.document_text(),
+            Modality::Conversation => self
+                .messages()
+                .iter()
+                .map(|m| format!("{}: {}", m.role, m.content))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
     /// The text of a document resource (empty for other modalities).
     pub fn document_text(&self) -> String {
         self.content

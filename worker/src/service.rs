@@ -214,6 +214,46 @@ impl MemoryService {
         Ok((task, false))
     }
 
+    /// Stores a plain-text or Markdown document and queues it (content-addressed like
+    /// conversations: the same text again for the same scope returns the earlier task).
+    pub async fn memorize_document(
+        &self,
+        scope: Scope,
+        title: Option<String>,
+        text: String,
+    ) -> Result<(Task, bool), ServiceError> {
+        let hash = content_hash(&serde_json::json!({"document": text}));
+        if let Some(task) = self.store.find_memorized(&scope, &hash).await? {
+            return Ok((task, true));
+        }
+        let now = Utc::now();
+        let resource = Resource {
+            id: Uuid::now_v7(),
+            user_id: scope.user_id.clone(),
+            agent_id: scope.agent_id.clone(),
+            modality: Modality::Document,
+            content_hash: hash,
+            content: serde_json::json!({"title": title, "text": text}),
+            caption: title,
+            created_at: now,
+        };
+        let task = Task {
+            id: Uuid::now_v7(),
+            user_id: resource.user_id.clone(),
+            agent_id: resource.agent_id.clone(),
+            resource_id: resource.id,
+            status: TaskStatus::Pending,
+            attempts: 0,
+            error: None,
+            created_at: now,
+            started_at: None,
+            completed_at: None,
+        };
+        self.store.enqueue_memorize(&resource, &task, None).await?;
+        self.new_work.notify_one();
+        Ok((task, false))
+    }
+
     pub async fn task(&self, id: Uuid) -> Result<Task, ServiceError> {
         self.store
             .get_task(id)

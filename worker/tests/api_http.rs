@@ -662,3 +662,40 @@ async fn provider_outage_fails_the_task_and_keeps_the_resource() {
     assert!(export.memory_items.is_empty(), "nothing half-written");
     server.stop().await.unwrap();
 }
+
+/// Offline mode keeps a document's passages as knowledge items, searchable at once.
+#[tokio::test]
+async fn offline_documents_become_knowledge() {
+    let stub = common::stub().await;
+    let (config, _db) = common::with_backend(common::stub_config(&stub), false).await;
+    let server = TestServer::start(config).await;
+    let (status, queued) = server
+        .post(
+            "/api/v1/users/maria/documents",
+            json!({"title": "Octopus facts", "text": "Octopuses have three hearts.\n\nTheir blood is blue."}),
+        )
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    let task = server.wait_task(queued["task_id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "SUCCESS", "{task}");
+    let (_, found) = server
+        .post(
+            "/api/v3/memory/retrieve",
+            json!({"user_id": "maria", "query": "octopus hearts", "memory_types": ["knowledge"]}),
+        )
+        .await;
+    let item = &found["items"][0];
+    assert!(
+        item["summary"].as_str().unwrap().contains("three hearts"),
+        "{found}"
+    );
+    assert_eq!(found["resources"][0]["caption"], "Octopus facts");
+    assert_eq!(found["resources"][0]["modality"], "document");
+    assert!(
+        found["resources"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("blue")
+    );
+    server.stop().await.unwrap();
+}

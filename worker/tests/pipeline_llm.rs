@@ -743,3 +743,63 @@ async fn provider_outage_fails_with_the_reason() {
     assert!(export.memory_items.is_empty());
     server.stop().await.unwrap();
 }
+
+async fn documents_are_memorized(postgres: bool) {
+    let (server, stub, _db) = llm_server(postgres, |_| {}).await;
+    reply(
+        &stub,
+        extraction(
+            "Dive log notes",
+            &[("knowledge", "Maria's safe free-dive limit is 18 metres.")],
+        ),
+    );
+    reply(
+        &stub,
+        filing(
+            &[(0, "knowledge")],
+            &[("knowledge", "Maria's free-dive limit is 18 metres.")],
+        ),
+    );
+    let body = json!({"title": "Dive log", "text": "# Dive log\n\nMy safe free-dive limit is 18 metres.\n\nNext goal: 20 metres."});
+    let (status, queued) = server
+        .post("/api/v1/users/maria/documents", body.clone())
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    let task = server.wait_task(queued["task_id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "SUCCESS", "{task}");
+    let prompt = chat_bodies(&stub)[0]["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        prompt.contains("document: My safe free-dive limit is 18 metres."),
+        "{prompt}"
+    );
+    assert_eq!(
+        items_of(&server, "maria").await[0]["memory_type"],
+        "knowledge"
+    );
+    // The same document again: recognised, not extracted twice.
+    let (status, again) = server.post("/api/v1/users/maria/documents", body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["task_id"], queued["task_id"]);
+    // What this version cannot read is refused, naming the field.
+    for (body, field) in [
+        (json!({"text": "a photo", "modality": "image"}), "modality"),
+        (json!({"text": "  "}), "text"),
+        (json!({"txt": "typo"}), "txt"),
+    ] {
+        let (status, error) = server.post("/api/v1/users/maria/documents", body).await;
+        assert_eq!(status, 422, "{error}");
+        assert!(
+            error["error"]["field"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field)
+                || error.to_string().contains(field),
+            "{error}"
+        );
+    }
+    server.stop().await.unwrap();
+}
+on_both_stores!(documents_are_memorized: documents_sqlite, documents_postgres);

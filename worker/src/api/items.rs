@@ -329,3 +329,65 @@ pub async fn usage(
         breakdown,
     }))
 }
+
+/// Longest accepted document.
+const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentRequest {
+    pub agent_id: Option<String>,
+    pub title: Option<String>,
+    /// Plain text or Markdown; paragraphs (blank-line separated) are segmented like messages.
+    pub text: String,
+    /// `document` (default). `image` and `audio` need a multimodal provider profile, which this
+    /// version does not offer: they are refused with 422.
+    pub modality: Option<String>,
+}
+
+/// Memorize a plain-text or Markdown document.
+#[utoipa::path(post, path = "/api/v1/users/{user_id}/documents", tag = "memory",
+    params(("user_id" = String, Path)),
+    request_body = DocumentRequest,
+    responses((status = 202, body = super::memu::MemorizeResponse), (status = 422, body = ErrorBody)))]
+pub async fn memorize_document(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+    ApiJson(req): ApiJson<DocumentRequest>,
+) -> Result<(StatusCode, Json<super::memu::MemorizeResponse>), ApiError> {
+    check_user(&state, &user_id)?;
+    if let Some(agent) = &req.agent_id {
+        check_id("agent_id", agent, state.service.config.memory.max_id_len)?;
+    }
+    match req.modality.as_deref().unwrap_or("document") {
+        "document" | "text" | "markdown" => {}
+        "image" | "audio" | "video" => {
+            return Err(ApiError::invalid(
+                "modality",
+                "image, audio and video resources need a provider profile with multimodal \
+                 support, and no configured profile offers it: send text (a transcript or a \
+                 caption) as a document",
+            ));
+        }
+        other => {
+            return Err(ApiError::invalid(
+                "modality",
+                format!("unknown modality `{other}`: use document"),
+            ));
+        }
+    }
+    if req.text.trim().is_empty() {
+        return Err(ApiError::invalid("text", "text must not be empty"));
+    }
+    if req.text.len() > MAX_DOCUMENT_BYTES {
+        return Err(ApiError::invalid(
+            "text",
+            format!("text must be at most {MAX_DOCUMENT_BYTES} bytes"),
+        ));
+    }
+    let (task, repeated) = state
+        .service
+        .memorize_document(Scope::new(user_id, req.agent_id), req.title, req.text)
+        .await?;
+    Ok(super::memu::queued(task, repeated, "document"))
+}

@@ -224,12 +224,7 @@ impl From<RetrieveOutput> for RetrieveResponse {
                 .map(|r| RetrievedResource {
                     id: r.id,
                     modality: r.modality,
-                    content: r
-                        .messages()
-                        .iter()
-                        .map(|m| format!("{}: {}", m.role, m.content))
-                        .collect::<Vec<_>>()
-                        .join("\n"),
+                    content: r.as_text(),
                     caption: r.caption,
                     created_at: r.created_at,
                 })
@@ -364,23 +359,31 @@ pub async fn memorize(
 ) -> Result<(StatusCode, Json<MemorizeResponse>), ApiError> {
     let input = memorize_input(&state, req)?;
     let (task, repeated) = state.service.memorize(input).await?;
-    let message = if repeated {
-        "this conversation was memorized before for this user and agent: returning its task".into()
+    Ok(queued(task, repeated, "conversation"))
+}
+
+/// 202 for a new task; 200 with the earlier task when the same resource was memorized before.
+pub fn queued(
+    task: crate::model::Task,
+    repeated: bool,
+    what: &str,
+) -> (StatusCode, Json<MemorizeResponse>) {
+    let (status, message) = if repeated {
+        (
+            StatusCode::OK,
+            format!("this {what} was memorized before for this user and agent: returning its task"),
+        )
     } else {
-        "memorize task queued".into()
+        (StatusCode::ACCEPTED, "memorize task queued".to_string())
     };
-    Ok((
-        if repeated {
-            StatusCode::OK
-        } else {
-            StatusCode::ACCEPTED
-        },
+    (
+        status,
         Json(MemorizeResponse {
             task_id: task.id,
             status: task.status,
             message,
         }),
-    ))
+    )
 }
 
 /// Status of a memorize task.

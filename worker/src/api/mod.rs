@@ -57,6 +57,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(items::delete_user))
         .routes(routes!(items::export))
         .routes(routes!(items::usage))
+        .routes(routes!(items::memorize_document))
 }
 
 /// The OpenAPI document of the API (also served at `/openapi.json`).

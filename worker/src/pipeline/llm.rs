@@ -99,17 +99,7 @@ pub fn transcript_segments(
 ) -> Vec<(String, Option<DateTime<Utc>>)> {
     let messages: Vec<Message> = match resource.modality {
         Modality::Conversation => resource.messages(),
-        Modality::Document => resource
-            .document_text()
-            .split("\n\n")
-            .filter(|p| !p.trim().is_empty())
-            .map(|p| Message {
-                role: "document".into(),
-                content: p.trim().to_string(),
-                name: None,
-                created_at: None,
-            })
-            .collect(),
+        Modality::Document => super::document_messages(resource),
     };
     offline::segment(&messages, max_tokens)
         .into_iter()

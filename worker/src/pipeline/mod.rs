@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use crate::metrics::StatusLabels;
 use crate::model::{
-    Category, CategoryLink, CategoryUpdate, MemorizeOutcome, MemoryItem, MemoryType, NewItem,
-    Resource, Scope, Task, dot,
+    Category, CategoryLink, CategoryUpdate, MemorizeOutcome, MemoryItem, MemoryType, Modality,
+    NewItem, Resource, Scope, Task, dot,
 };
 use crate::service::{MemoryService, ServiceError};
 
@@ -180,7 +180,12 @@ pub async fn memorize_offline(
 ) -> Result<MemorizeOutcome, ServiceError> {
     let config = &service.config.memory;
     let scope = Scope::new(&task.user_id, Some(task.agent_id.clone()));
-    let messages = resource.messages();
+    let document = resource.modality == Modality::Document;
+    let messages = if document {
+        document_messages(resource)
+    } else {
+        resource.messages()
+    };
     let happened_at = messages
         .iter()
         .find_map(|m| m.created_at)
@@ -191,7 +196,7 @@ pub async fn memorize_offline(
         .unwrap_or_else(|| "The user".to_string());
 
     let mut drafts: Vec<(MemoryType, String, serde_json::Value)> = Vec::new();
-    if config.memory_types.contains(&MemoryType::Profile) {
+    if config.memory_types.contains(&MemoryType::Profile) && !document {
         for statement in offline::profile_statements(&messages, &subject) {
             drafts.push((
                 MemoryType::Profile,
@@ -200,10 +205,19 @@ pub async fn memorize_offline(
             ));
         }
     }
-    if config.memory_types.contains(&MemoryType::Event) {
+    // A document's passages are knowledge where that type is kept; a conversation's are events.
+    let passage_type = if document && config.memory_types.contains(&MemoryType::Knowledge) {
+        Some(MemoryType::Knowledge)
+    } else {
+        config
+            .memory_types
+            .contains(&MemoryType::Event)
+            .then_some(MemoryType::Event)
+    };
+    if let Some(passage_type) = passage_type {
         for segment in offline::segment(&messages, config.segment_max_tokens) {
             drafts.push((
-                MemoryType::Event,
+                passage_type,
                 segment.text(),
                 serde_json::json!({"extractor": "segment", "first_message": segment.first, "messages": segment.messages.len()}),
             ));
@@ -305,9 +319,27 @@ pub async fn memorize_offline(
         items,
         links,
         category_updates,
-        resource_caption: Some(offline::caption(&messages)),
+        resource_caption: resource
+            .caption
+            .clone()
+            .or_else(|| Some(offline::caption(&messages))),
         ..Default::default()
     })
+}
+
+/// A document's paragraphs as messages, so documents segment like conversations.
+pub fn document_messages(resource: &Resource) -> Vec<crate::model::Message> {
+    resource
+        .document_text()
+        .split("\n\n")
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| crate::model::Message {
+            role: "document".into(),
+            content: p.trim().to_string(),
+            name: None,
+            created_at: None,
+        })
+        .collect()
 }
 
 /// What each category is compared with when filing by similarity: the embedding of its
