@@ -236,6 +236,9 @@ pub struct LlmConfig {
     pub extraction: Option<String>,
     pub categorization: Option<String>,
     pub retrieval: Option<String>,
+    /// Profile that reads images (vision chat) and audio (transcription) into text for
+    /// memorize; defaults to `llm.provider`.
+    pub media: Option<String>,
     /// Price per million tokens by model name, for the cost log (models not listed cost 0).
     pub prices: BTreeMap<String, ModelPrice>,
 }
@@ -379,6 +382,11 @@ pub struct ProviderProfile {
     /// How JSON answers are requested (default from the preset; a provider that rejects
     /// `json_schema` is asked again with `json_object`).
     pub structured_output: Option<StructuredOutput>,
+    /// The chat model accepts images (OpenAI-style `image_url` content parts).
+    pub vision: Option<bool>,
+    /// Model of the `/audio/transcriptions` endpoint (openai preset: whisper-1); an empty
+    /// string turns audio off.
+    pub transcription_model: Option<String>,
 }
 
 impl Default for ProviderProfile {
@@ -398,6 +406,8 @@ impl Default for ProviderProfile {
             model_dir: None,
             max_input_tokens: 256,
             structured_output: None,
+            vision: None,
+            transcription_model: None,
         }
     }
 }
@@ -419,6 +429,19 @@ impl ProviderProfile {
         self.chat_model
             .clone()
             .or_else(|| self.preset.defaults().chat_model.map(str::to_string))
+    }
+    /// Whether images can be sent (default: the presets whose default chat model has vision).
+    pub fn vision(&self) -> bool {
+        self.vision.unwrap_or(matches!(
+            self.preset,
+            ProviderPreset::Openai | ProviderPreset::Openrouter
+        ))
+    }
+    pub fn transcription_model(&self) -> Option<String> {
+        self.transcription_model
+            .clone()
+            .or_else(|| (self.preset == ProviderPreset::Openai).then(|| "whisper-1".to_string()))
+            .filter(|m| !m.is_empty())
     }
     pub fn structured_output(&self) -> StructuredOutput {
         self.structured_output.unwrap_or(match self.preset {
@@ -713,6 +736,7 @@ impl WorkerConfig {
             ("llm.extraction", &self.llm.extraction),
             ("llm.categorization", &self.llm.categorization),
             ("llm.retrieval", &self.llm.retrieval),
+            ("llm.media", &self.llm.media),
         ] {
             if let Some(name) = name {
                 let profile = self.profile(key, name)?;

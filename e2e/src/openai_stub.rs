@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 pub enum Endpoint {
     Chat,
     Embeddings,
+    Transcriptions,
 }
 
 /// One scripted reply; the next request to `endpoint` gets it.
@@ -167,6 +168,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/audio/transcriptions", post(transcriptions))
         .route("/_stub/script", post(script))
         .route("/_stub/requests", get(requests))
         .route("/_stub/reset", post(reset))
@@ -392,6 +394,43 @@ async fn chat(
         },
     }))
     .into_response()
+}
+
+/// `/audio/transcriptions`: the multipart body is recorded by size and form fields; the text is
+/// scripted, else derived from the file's bytes.
+async fn transcriptions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let text = String::from_utf8_lossy(&body);
+    let model = text
+        .split("name=\"model\"\r\n\r\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\n").next())
+        .unwrap_or_default()
+        .to_string();
+    let recorded = json!({
+        "bytes": body.len(),
+        "model": model,
+        "content_type": headers.get("content-type").and_then(|v| v.to_str().ok()),
+    });
+    if let Err(reply) = admit(&state, Endpoint::Transcriptions, &headers, &recorded).await {
+        return reply;
+    }
+    let scripted = pop(&state.shared, Endpoint::Transcriptions);
+    if let Some(reply) = &scripted
+        && let Some(response) = scripted_override(reply)
+    {
+        return response;
+    }
+    if model.is_empty() || !text.contains("name=\"file\"") {
+        return error(StatusCode::BAD_REQUEST, "model and file are required", None);
+    }
+    let content = scripted
+        .and_then(|s| s.content)
+        .unwrap_or_else(|| format!("transcript {}", hex(&Sha256::digest(&body)[..6])));
+    Json(json!({"text": content})).into_response()
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -239,6 +239,10 @@ pub fn sufficient(query: &str, tier: &str, recalled: &[String]) -> Prompt {
     }
 }
 
+/// Asks a vision model to put an image into words that memorize can extract from.
+pub const DESCRIBE_IMAGE: &str = "Describe this image for a personal memory: who and what is in \
+it, any text it shows (verbatim), the place and the time if visible. Plain prose, no preamble.";
+
 /// Sent after an answer that was not valid JSON (the one repair attempt).
 pub fn repair(error: &str) -> String {
     format!(

@@ -16,7 +16,7 @@ use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Message, Modality,
     NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, UsageTotals, dot,
 };
-use crate::providers::{ChatModel, Embedder, ProviderError, build_chat};
+use crate::providers::{ChatModel, Embedder, MediaReader, ProviderError, build_chat, build_media};
 use crate::store::{EmbeddingSpace, MemoryStore, StoreError, UserExport};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,8 @@ pub struct LlmModels {
     pub extraction: Option<Arc<dyn ChatModel>>,
     pub categorization: Option<Arc<dyn ChatModel>>,
     pub retrieval: Option<Arc<dyn ChatModel>>,
+    /// Reads images and audio into text for memorize.
+    pub media: Option<Arc<dyn MediaReader>>,
 }
 
 impl LlmModels {
@@ -53,7 +55,8 @@ impl LlmModels {
         Ok(Self {
             extraction: build_chat(config, llm.extraction.as_deref(), metrics.clone())?,
             categorization: build_chat(config, llm.categorization.as_deref(), metrics.clone())?,
-            retrieval: build_chat(config, llm.retrieval.as_deref(), metrics)?,
+            retrieval: build_chat(config, llm.retrieval.as_deref(), metrics.clone())?,
+            media: build_media(config, metrics)?,
         })
     }
 }
@@ -73,6 +76,22 @@ pub struct MemorizeInput {
     pub agent_name: Option<String>,
     pub session_date: Option<DateTime<Utc>>,
     pub messages: Vec<Message>,
+}
+
+/// Media that memorize reads into text first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaKind {
+    Image,
+    Audio,
+}
+
+impl MediaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MediaKind::Image => "image",
+            MediaKind::Audio => "audio",
+        }
+    }
 }
 
 /// How retrieve ranks memories.
@@ -226,6 +245,67 @@ impl MemoryService {
         if let Some(task) = self.store.find_memorized(&scope, &hash).await? {
             return Ok((task, true));
         }
+        self.enqueue_document(scope, title, serde_json::json!({"text": text}), hash)
+            .await
+    }
+
+    /// Reads an image (vision chat) or audio (transcription) into text and memorizes that text
+    /// as a document that remembers its source. Recognised by the SHA-256 of the raw bytes, so
+    /// the same file is never sent to the provider twice.
+    pub async fn memorize_media(
+        &self,
+        scope: Scope,
+        title: Option<String>,
+        kind: MediaKind,
+        mime_type: String,
+        data: Vec<u8>,
+    ) -> Result<(Task, bool), ServiceError> {
+        let reader = self.llm.media.as_ref().filter(|m| match kind {
+            MediaKind::Image => m.reads_images(),
+            MediaKind::Audio => m.reads_audio(),
+        });
+        let Some(reader) = reader else {
+            let what = match kind {
+                MediaKind::Image => {
+                    "an image needs a provider profile with vision (providers.NAME.vision: true, chosen by llm.media or llm.provider)"
+                }
+                MediaKind::Audio => {
+                    "audio needs a provider profile with a transcription_model (chosen by llm.media or llm.provider)"
+                }
+            };
+            return Err(invalid("modality", format!("{what}; this worker has none")));
+        };
+        let raw_hash = hex::encode(Sha256::digest(&data));
+        let hash = content_hash(&serde_json::json!({"media": raw_hash}));
+        if let Some(task) = self.store.find_memorized(&scope, &hash).await? {
+            return Ok((task, true));
+        }
+        let text = match kind {
+            MediaKind::Image => reader.describe_image(&mime_type, &data).await?,
+            MediaKind::Audio => reader.transcribe(&mime_type, &data).await?,
+        };
+        if text.trim().is_empty() {
+            return Err(ServiceError::ModelOutput(format!(
+                "{} returned no text for this {}",
+                reader.provider(),
+                kind.as_str()
+            )));
+        }
+        let content = serde_json::json!({
+            "text": text,
+            "source": {"modality": kind.as_str(), "mime_type": mime_type, "sha256": raw_hash, "bytes": data.len(), "read_by": reader.provider()},
+        });
+        self.enqueue_document(scope, title, content, hash).await
+    }
+
+    async fn enqueue_document(
+        &self,
+        scope: Scope,
+        title: Option<String>,
+        mut content: serde_json::Value,
+        hash: String,
+    ) -> Result<(Task, bool), ServiceError> {
+        content["title"] = serde_json::json!(title);
         let now = Utc::now();
         let resource = Resource {
             id: Uuid::now_v7(),
@@ -233,7 +313,7 @@ impl MemoryService {
             agent_id: scope.agent_id.clone(),
             modality: Modality::Document,
             content_hash: hash,
-            content: serde_json::json!({"title": title, "text": text}),
+            content,
             caption: title,
             created_at: now,
         };

@@ -785,7 +785,8 @@ async fn documents_are_memorized(postgres: bool) {
     assert_eq!(again["task_id"], queued["task_id"]);
     // What this version cannot read is refused, naming the field.
     for (body, field) in [
-        (json!({"text": "a photo", "modality": "image"}), "modality"),
+        (json!({"text": "a photo", "modality": "image"}), "data"),
+        (json!({"text": "a clip", "modality": "video"}), "modality"),
         (json!({"text": "  "}), "text"),
         (json!({"txt": "typo"}), "txt"),
     ] {
@@ -803,3 +804,152 @@ async fn documents_are_memorized(postgres: bool) {
     server.stop().await.unwrap();
 }
 on_both_stores!(documents_are_memorized: documents_sqlite, documents_postgres);
+
+/// Images are described by the vision model and audio transcribed, then memorized as text that
+/// remembers its source; the same file is never sent twice; a profile without the ability is
+/// refused with 422.
+#[tokio::test]
+async fn images_and_audio_are_read_into_memories() {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let (server, stub, _db) = llm_server(false, |c| {
+        let stub = c.providers.get_mut("stub").unwrap();
+        stub.vision = Some(true);
+        stub.transcription_model = Some("stub-whisper".into());
+    })
+    .await;
+    let png = b"\x89PNG\r\n\x1a\nfake image bytes";
+    reply(
+        &stub,
+        json!("A photo of Maria holding a surfboard on Nazare beach."),
+    );
+    reply(
+        &stub,
+        extraction(
+            "Beach photo",
+            &[("event", "Maria went surfing at Nazare beach.")],
+        ),
+    );
+    reply(&stub, filing(&[(0, "activities")], &[]));
+    let body = json!({"modality": "image", "mime_type": "image/png", "data": b64(png), "title": "beach.png"});
+    let (status, queued) = server
+        .post("/api/v1/users/maria/documents", body.clone())
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    let task = server.wait_task(queued["task_id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "SUCCESS", "{task}");
+    let chats = chat_bodies(&stub);
+    let parts = chats[0]["messages"][0]["content"].as_array().unwrap();
+    assert_eq!(parts[1]["type"], "image_url");
+    assert!(
+        parts[1]["image_url"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("data:image/png;base64,")
+    );
+    assert!(
+        chats[1]["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("surfboard")
+    );
+    let (status, again) = server.post("/api/v1/users/maria/documents", body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        chat_bodies(&stub).len(),
+        3,
+        "the same image is not described twice"
+    );
+
+    stub.enqueue(
+        Endpoint::Transcriptions,
+        Scripted {
+            content: Some("I just booked a flight to Tokyo for March.".into()),
+            ..Default::default()
+        },
+    );
+    reply(
+        &stub,
+        extraction(
+            "Voice note",
+            &[("event", "Maria booked a flight to Tokyo for March.")],
+        ),
+    );
+    reply(&stub, filing(&[(0, "goals")], &[]));
+    let (status, queued) = server
+        .post(
+            "/api/v1/users/maria/documents",
+            json!({"modality": "audio", "mime_type": "audio/mpeg", "data": b64(b"ID3 fake audio")}),
+        )
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    let task = server.wait_task(queued["task_id"].as_str().unwrap()).await;
+    assert_eq!(task["status"], "SUCCESS", "{task}");
+    let transcription = stub
+        .requests()
+        .into_iter()
+        .find(|r| r.endpoint == Endpoint::Transcriptions)
+        .unwrap();
+    assert_eq!(transcription.body["model"], "stub-whisper");
+    let export = server.service.export_user("maria").await.unwrap();
+    let audio = export
+        .resources
+        .iter()
+        .find(|r| r.to_string().contains("Tokyo"))
+        .unwrap();
+    assert_eq!(audio["content"]["source"]["modality"], "audio", "{audio}");
+    assert_eq!(audio["content"]["source"]["mime_type"], "audio/mpeg");
+
+    for (body, field) in [
+        (
+            json!({"modality": "image", "mime_type": "image/png", "data": "%%%"}),
+            "data",
+        ),
+        (
+            json!({"modality": "image", "mime_type": "audio/wav", "data": b64(png)}),
+            "mime_type",
+        ),
+        (json!({"modality": "video", "data": b64(png)}), "modality"),
+    ] {
+        let (status, error) = server.post("/api/v1/users/maria/documents", body).await;
+        assert_eq!(status, 422, "{error}");
+        assert_eq!(error["error"]["field"], field, "{error}");
+    }
+    server.stop().await.unwrap();
+
+    // Without vision or a transcription model: a clear 422, nothing sent anywhere.
+    let (plain, plain_stub, _db2) = llm_server(false, |c| {
+        let stub = c.providers.get_mut("stub").unwrap();
+        stub.vision = Some(false);
+        stub.transcription_model = Some(String::new());
+    })
+    .await;
+    let (status, error) = plain
+        .post(
+            "/api/v1/users/maria/documents",
+            json!({"modality": "image", "mime_type": "image/png", "data": b64(png)}),
+        )
+        .await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["field"], "modality");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vision")
+    );
+    let (status, _) = plain
+        .post(
+            "/api/v1/users/maria/documents",
+            json!({"modality": "audio", "mime_type": "audio/wav", "data": b64(b"RIFF")}),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(
+        plain_stub
+            .requests()
+            .iter()
+            .all(|r| r.endpoint == Endpoint::Embeddings)
+    );
+    plain.stop().await.unwrap();
+}

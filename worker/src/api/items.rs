@@ -14,6 +14,7 @@ use super::memu::check_id;
 use crate::model::{
     DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Scope, UsageTotals,
 };
+use crate::service::MediaKind;
 use crate::store::UserExport;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -338,12 +339,20 @@ const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 pub struct DocumentRequest {
     pub agent_id: Option<String>,
     pub title: Option<String>,
-    /// Plain text or Markdown; paragraphs (blank-line separated) are segmented like messages.
-    pub text: String,
-    /// `document` (default). `image` and `audio` need a multimodal provider profile, which this
-    /// version does not offer: they are refused with 422.
+    /// Plain text or Markdown (for `document`); paragraphs (blank-line separated) are segmented
+    /// like messages.
+    pub text: Option<String>,
+    /// `document` (default), `image` or `audio`. Images are described by a vision chat model,
+    /// audio transcribed; the text is then memorized like a document.
     pub modality: Option<String>,
+    /// Base64 of the image or audio file.
+    pub data: Option<String>,
+    /// MIME type of `data`, e.g. `image/png`, `audio/mpeg`.
+    pub mime_type: Option<String>,
 }
+
+/// Longest accepted image or audio file.
+const MAX_MEDIA_BYTES: usize = 20 * 1024 * 1024;
 
 /// Memorize a plain-text or Markdown document.
 #[utoipa::path(post, path = "/api/v1/users/{user_id}/documents", tag = "memory",
@@ -359,35 +368,61 @@ pub async fn memorize_document(
     if let Some(agent) = &req.agent_id {
         check_id("agent_id", agent, state.service.config.memory.max_id_len)?;
     }
-    match req.modality.as_deref().unwrap_or("document") {
-        "document" | "text" | "markdown" => {}
-        "image" | "audio" | "video" => {
-            return Err(ApiError::invalid(
-                "modality",
-                "image, audio and video resources need a provider profile with multimodal \
-                 support, and no configured profile offers it: send text (a transcript or a \
-                 caption) as a document",
-            ));
-        }
+    let scope = Scope::new(user_id, req.agent_id);
+    let kind = match req.modality.as_deref().unwrap_or("document") {
+        "document" | "text" | "markdown" => None,
+        "image" => Some(MediaKind::Image),
+        "audio" => Some(MediaKind::Audio),
         other => {
             return Err(ApiError::invalid(
                 "modality",
-                format!("unknown modality `{other}`: use document"),
+                format!("unknown modality `{other}`: use document, image or audio"),
             ));
         }
-    }
-    if req.text.trim().is_empty() {
-        return Err(ApiError::invalid("text", "text must not be empty"));
-    }
-    if req.text.len() > MAX_DOCUMENT_BYTES {
-        return Err(ApiError::invalid(
-            "text",
-            format!("text must be at most {MAX_DOCUMENT_BYTES} bytes"),
-        ));
-    }
-    let (task, repeated) = state
-        .service
-        .memorize_document(Scope::new(user_id, req.agent_id), req.title, req.text)
-        .await?;
+    };
+    let (task, repeated) = match kind {
+        None => {
+            let text = req.text.unwrap_or_default();
+            if text.trim().is_empty() {
+                return Err(ApiError::invalid("text", "text must not be empty"));
+            }
+            if text.len() > MAX_DOCUMENT_BYTES {
+                return Err(ApiError::invalid(
+                    "text",
+                    format!("text must be at most {MAX_DOCUMENT_BYTES} bytes"),
+                ));
+            }
+            state
+                .service
+                .memorize_document(scope, req.title, text)
+                .await?
+        }
+        Some(kind) => {
+            use base64::Engine as _;
+            let encoded = req.data.ok_or_else(|| {
+                ApiError::invalid("data", "data (base64 of the file) is required")
+            })?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|e| ApiError::invalid("data", format!("data is not base64: {e}")))?;
+            if data.is_empty() || data.len() > MAX_MEDIA_BYTES {
+                return Err(ApiError::invalid(
+                    "data",
+                    format!("the file must hold 1 to {MAX_MEDIA_BYTES} bytes"),
+                ));
+            }
+            let mime_type = req.mime_type.unwrap_or_default();
+            if !mime_type.starts_with(&format!("{}/", kind.as_str())) {
+                return Err(ApiError::invalid(
+                    "mime_type",
+                    format!("mime_type must be an {}/* type", kind.as_str()),
+                ));
+            }
+            state
+                .service
+                .memorize_media(scope, req.title, kind, mime_type, data)
+                .await?
+        }
+    };
     Ok(super::memu::queued(task, repeated, "document"))
 }

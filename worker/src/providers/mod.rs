@@ -135,6 +135,39 @@ pub trait ChatModel: Send + Sync {
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ProviderError>;
 }
 
+/// Turns images and audio into text: a vision chat call describes an image, the
+/// transcription endpoint transcribes audio. Either may be unsupported by a profile.
+#[async_trait]
+pub trait MediaReader: Send + Sync {
+    fn provider(&self) -> &str;
+    fn reads_images(&self) -> bool;
+    fn reads_audio(&self) -> bool;
+    async fn describe_image(&self, mime_type: &str, data: &[u8]) -> Result<String, ProviderError>;
+    async fn transcribe(&self, mime_type: &str, data: &[u8]) -> Result<String, ProviderError>;
+}
+
+/// The media reader of `llm.media` (else `llm.provider`), if any.
+pub fn build_media(
+    config: &WorkerConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<dyn MediaReader>>> {
+    let Some(name) = config
+        .llm
+        .media
+        .as_deref()
+        .or(config.llm.provider.as_deref())
+    else {
+        return Ok(None);
+    };
+    let profile = config
+        .providers
+        .get(name)
+        .ok_or_else(|| anyhow::anyhow!("no provider profile named `{name}`"))?;
+    Ok(Some(Arc::new(openai::OpenAiClient::new(
+        name, profile, metrics,
+    )?)))
+}
+
 /// The embedder of the configured profile.
 pub fn build_embedder(
     config: &WorkerConfig,

@@ -36,6 +36,8 @@ pub struct OpenAiClient {
     expected_dimension: Option<usize>,
     batch_size: usize,
     max_retries: u32,
+    vision: bool,
+    transcription_model: Option<String>,
     structured_output: StructuredOutput,
     /// Set once the provider has refused `json_schema`: later calls use `json_object`.
     schema_refused: AtomicBool,
@@ -118,6 +120,8 @@ impl OpenAiClient {
             expected_dimension: None,
             batch_size: profile.embed_batch_size,
             max_retries: profile.max_retries,
+            vision: profile.vision(),
+            transcription_model: profile.transcription_model(),
             structured_output: profile.structured_output(),
             schema_refused: AtomicBool::new(false),
             slots: Semaphore::new(profile.max_concurrency),
@@ -158,8 +162,12 @@ impl OpenAiClient {
     }
 
     async fn post_once(&self, url: &str, body: &Value) -> Result<Value, ProviderError> {
+        self.send(self.http.post(url).json(body)).await
+    }
+
+    /// Sends a prepared request within the concurrency limit and reads the JSON answer.
+    async fn send(&self, mut request: reqwest::RequestBuilder) -> Result<Value, ProviderError> {
         let _slot = self.slots.acquire().await.expect("semaphore never closed");
-        let mut request = self.http.post(url).json(body);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
@@ -488,9 +496,145 @@ impl OpenAiClient {
     }
 }
 
+/// A `multipart/form-data` body of text fields and one file (the transcription endpoint's
+/// format), with a boundary that cannot occur in the fields.
+fn multipart_body(fields: &[(&str, &str)], file: (&str, &str, &[u8])) -> (String, Vec<u8>) {
+    let boundary = format!("memu-{}", uuid::Uuid::new_v4().simple());
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    let (name, mime, data) = file;
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: {mime}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (boundary, body)
+}
+
+#[async_trait]
+impl super::MediaReader for OpenAiClient {
+    fn provider(&self) -> &str {
+        &self.name
+    }
+
+    fn reads_images(&self) -> bool {
+        self.vision && !self.chat_model.is_empty()
+    }
+
+    fn reads_audio(&self) -> bool {
+        self.transcription_model.is_some()
+    }
+
+    async fn describe_image(&self, mime_type: &str, data: &[u8]) -> Result<String, ProviderError> {
+        use base64::Engine as _;
+        self.require_key()?;
+        let url = format!(
+            "data:{mime_type};base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(data)
+        );
+        let body = json!({
+            "model": self.chat_model,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": crate::prompts::DESCRIBE_IMAGE},
+                {"type": "image_url", "image_url": {"url": url}},
+            ]}],
+        });
+        let started = Instant::now();
+        let result = self.post("/chat/completions", &body).await;
+        self.metrics
+            .llm_duration
+            .get_or_create(&ModelLabels {
+                provider: self.name.clone(),
+                model: self.chat_model.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        self.count(&self.metrics.llm_requests, &self.chat_model, &result);
+        result?
+            .pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ProviderError::Decode {
+                provider: self.name.clone(),
+                message: "no description in the completion".into(),
+            })
+    }
+
+    async fn transcribe(&self, mime_type: &str, data: &[u8]) -> Result<String, ProviderError> {
+        self.require_key()?;
+        let model = self.transcription_model.clone().ok_or_else(|| {
+            ProviderError::Config(format!(
+                "provider profile `{}` has no transcription_model",
+                self.name
+            ))
+        })?;
+        let extension = mime_type.rsplit('/').next().unwrap_or("bin");
+        let (boundary, body) = multipart_body(
+            &[("model", model.as_str()), ("response_format", "json")],
+            (&format!("audio.{extension}"), mime_type, data),
+        );
+        let url = format!("{}/audio/transcriptions", self.base_url);
+        let mut attempt = 0;
+        let started = Instant::now();
+        let result = loop {
+            let request = self
+                .http
+                .post(&url)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
+                .body(body.clone());
+            match self.send(request).await {
+                Err(err) if err.is_retryable() && attempt < self.max_retries => {
+                    tokio::time::sleep(backoff(attempt, &err)).await;
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        };
+        self.metrics
+            .llm_duration
+            .get_or_create(&ModelLabels {
+                provider: self.name.clone(),
+                model: model.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        self.count(&self.metrics.llm_requests, &model, &result);
+        result?
+            .get("text")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| ProviderError::Decode {
+                provider: self.name.clone(),
+                message: "no text in the transcription".into(),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multipart_bodies_carry_fields_and_the_file() {
+        let (boundary, body) =
+            multipart_body(&[("model", "whisper-1")], ("a.wav", "audio/wav", b"RIFF"));
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.starts_with(&format!("--{boundary}\r\n")));
+        assert!(text.contains("name=\"model\"\r\n\r\nwhisper-1\r\n"));
+        assert!(text.contains("filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\r\n"));
+        assert!(text.ends_with(&format!("--{boundary}--\r\n")));
+    }
 
     #[test]
     fn backoff_honours_retry_after_and_caps() {
