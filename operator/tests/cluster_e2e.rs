@@ -104,6 +104,8 @@ impl Drop for Operator {
     }
 }
 
+/// An operator process that leads through a Lease in `ns` and reconciles only `ns`, so that
+/// tests running side by side never reconcile each other's objects.
 fn start_operator(ns: &str, identity: &str, port: u16) -> Operator {
     Operator(
         Command::new(env!("CARGO_BIN_EXE_memu-operator"))
@@ -112,6 +114,10 @@ fn start_operator(ns: &str, identity: &str, port: u16) -> Operator {
             .args([
                 "--lease-namespace",
                 ns,
+                "--watch-namespace",
+                ns,
+                "--lease-seconds",
+                "4",
                 "--identity",
                 identity,
                 "--metrics-addr",
@@ -132,12 +138,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test]
-async fn operator_reconciles_samples_against_a_real_api_server() {
-    let client = client().await;
-    apply_yaml_file(&client, "crds/yaml/memucluster.yaml").await;
-    apply_yaml_file(&client, "e2e/k8s/crds/optional-crds.yaml").await;
-    let ns = format!("e2e-{}", std::process::id());
+async fn create_namespace(client: &Client, ns: &str) -> Api<Namespace> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
         .create(
@@ -146,6 +147,201 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
         )
         .await
         .unwrap();
+    namespaces
+}
+
+fn lease_holder(lease: Option<k8s_openapi::api::coordination::v1::Lease>) -> Option<String> {
+    lease?.spec?.holder_identity
+}
+
+/// The leader is killed right after a change; the standby takes the lease over and finishes the
+/// work without duplicating or losing objects. Then: managed Citus objects and status, and the
+/// Delete policy removing the database.
+#[tokio::test]
+async fn failover_managed_citus_and_delete_policy() {
+    let client = client().await;
+    apply_yaml_file(&client, "crds/yaml/memucluster.yaml").await;
+    apply_yaml_file(&client, "e2e/k8s/crds/optional-crds.yaml").await;
+    let ns = format!("e2e-fo-{}", std::process::id());
+    let namespaces = create_namespace(&client, &ns).await;
+    let clusters: Api<MemUCluster> = Api::namespaced(client.clone(), &ns);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    let ssa = PatchParams::apply("memu-e2e").force();
+
+    let leader = start_operator(&ns, "op-a", free_port());
+    eventually("op-a leads", || async {
+        lease_holder(leases.get_opt("memu-operator").await.ok().flatten()).as_deref()
+            == Some("op-a")
+    })
+    .await;
+    let standby = start_operator(&ns, "op-b", free_port());
+
+    // A managed Citus cluster with three workers, and a medium cluster with deletionPolicy Delete.
+    let mut citus = sample("large");
+    citus["metadata"] = json!({"name": "memu-citus", "namespace": ns});
+    citus["spec"]["database"] = json!({"topology": "citus", "managed": {"shards": 3}});
+    let mut doomed = sample("medium");
+    doomed["metadata"] = json!({"name": "memu-doomed", "namespace": ns});
+    doomed["spec"]["deletionPolicy"] = json!("Delete");
+    for object in [&citus, &doomed] {
+        let object: MemUCluster = serde_json::from_value(object.clone()).unwrap();
+        let name = object.metadata.name.clone().unwrap();
+        clusters
+            .patch(&name, &ssa, &Patch::Apply(&object))
+            .await
+            .unwrap();
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    eventually("op-a starts on the doomed cluster", || async {
+        deployments
+            .get_opt("memu-doomed-api")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    // Kill the leader mid-work (no graceful release of the lease).
+    drop(leader);
+    eventually("op-b takes the lease over", || async {
+        lease_holder(leases.get_opt("memu-operator").await.ok().flatten()).as_deref()
+            == Some("op-b")
+    })
+    .await;
+
+    // The standby finishes: every Citus node, the credentials, the status; nothing twice.
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    eventually("citus status from op-b", || async {
+        clusters
+            .get("memu-citus")
+            .await
+            .ok()
+            .and_then(|c| c.status)
+            .and_then(|s| s.citus)
+            .is_some_and(|c| c.desired_workers == 3)
+    })
+    .await;
+    let nodes = sts
+        .list(&ListParams::default().labels("memu.dev/cluster=memu-citus"))
+        .await
+        .unwrap();
+    let mut names: Vec<String> = nodes
+        .items
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "memu-citus-citus-coordinator",
+            "memu-citus-citus-worker-0",
+            "memu-citus-citus-worker-1",
+            "memu-citus-citus-worker-2"
+        ]
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let credentials = secrets.get("memu-citus-citus-credentials").await.unwrap();
+    let password = String::from_utf8(credentials.data.unwrap()["password"].0.clone()).unwrap();
+    assert_eq!(password.len(), 32);
+    let citus_now = clusters.get("memu-citus").await.unwrap();
+    let status_text = serde_json::to_string(&citus_now.status).unwrap();
+    assert!(!status_text.contains(&password), "no secret in status");
+    let db = citus_now
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "DatabaseReady")
+        .unwrap();
+    assert_eq!(db.status, "False");
+    assert!(
+        ["NodesNotReady", "CoordinatorUnreachable"].contains(&db.reason.as_str()),
+        "{db:?}"
+    );
+    let doomed_deployments = deployments
+        .list(&ListParams::default().labels("memu.dev/cluster=memu-doomed"))
+        .await
+        .unwrap();
+    assert_eq!(
+        doomed_deployments.items.len(),
+        2,
+        "api and pipeline, once each"
+    );
+
+    // The new leader keeps reconciling changes.
+    doomed["spec"]["image"] = json!("example.org/memu-worker:failover");
+    let edited: MemUCluster = serde_json::from_value(doomed.clone()).unwrap();
+    clusters
+        .patch("memu-doomed", &ssa, &Patch::Apply(&edited))
+        .await
+        .unwrap();
+    eventually("op-b rolls the new image", || async {
+        deployments
+            .get("memu-doomed-api")
+            .await
+            .ok()
+            .and_then(|d| d.spec?.template.spec?.containers.first()?.image.clone())
+            .as_deref()
+            == Some("example.org/memu-worker:failover")
+    })
+    .await;
+
+    // Delete policy: the finalizer removes the database, then the object goes.
+    let cnpg: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "postgresql.cnpg.io",
+            "v1",
+            "Cluster",
+        )),
+    );
+    assert!(cnpg.get_opt("memu-doomed-db").await.unwrap().is_some());
+    assert!(
+        clusters
+            .get("memu-doomed")
+            .await
+            .unwrap()
+            .metadata
+            .finalizers
+            .is_some_and(|f| !f.is_empty()),
+        "Delete adds a finalizer"
+    );
+    clusters
+        .delete("memu-doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the database and the cluster are gone", || async {
+        cnpg.get_opt("memu-doomed-db")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            && clusters
+                .get_opt("memu-doomed")
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+    })
+    .await;
+
+    drop(standby);
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn operator_reconciles_samples_against_a_real_api_server() {
+    let client = client().await;
+    apply_yaml_file(&client, "crds/yaml/memucluster.yaml").await;
+    apply_yaml_file(&client, "e2e/k8s/crds/optional-crds.yaml").await;
+    let ns = format!("e2e-{}", std::process::id());
+    let namespaces = create_namespace(&client, &ns).await;
     let clusters: Api<MemUCluster> = Api::namespaced(client.clone(), &ns);
     let raw: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),

@@ -214,18 +214,7 @@ impl MemoryService {
             caption: None,
             created_at: now,
         };
-        let task = Task {
-            id: Uuid::now_v7(),
-            user_id: resource.user_id.clone(),
-            agent_id: resource.agent_id.clone(),
-            resource_id: resource.id,
-            status: TaskStatus::Pending,
-            attempts: 0,
-            error: None,
-            created_at: now,
-            started_at: None,
-            completed_at: None,
-        };
+        let task = pending_task(&resource);
         self.store
             .enqueue_memorize(&resource, &task, input.user_name.as_deref())
             .await?;
@@ -317,18 +306,7 @@ impl MemoryService {
             caption: title,
             created_at: now,
         };
-        let task = Task {
-            id: Uuid::now_v7(),
-            user_id: resource.user_id.clone(),
-            agent_id: resource.agent_id.clone(),
-            resource_id: resource.id,
-            status: TaskStatus::Pending,
-            attempts: 0,
-            error: None,
-            created_at: now,
-            started_at: None,
-            completed_at: None,
-        };
+        let task = pending_task(&resource);
         self.store.enqueue_memorize(&resource, &task, None).await?;
         self.new_work.notify_one();
         Ok((task, false))
@@ -600,6 +578,22 @@ impl MemoryService {
             .await?
             .pop()
             .ok_or_else(|| ProviderError::Model("no embedding returned".into()))?)
+    }
+}
+
+/// The PENDING memorize task of a new resource.
+fn pending_task(resource: &Resource) -> Task {
+    Task {
+        id: Uuid::now_v7(),
+        user_id: resource.user_id.clone(),
+        agent_id: resource.agent_id.clone(),
+        resource_id: resource.id,
+        status: TaskStatus::Pending,
+        attempts: 0,
+        error: None,
+        created_at: resource.created_at,
+        started_at: None,
+        completed_at: None,
     }
 }
 

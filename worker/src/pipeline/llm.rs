@@ -448,21 +448,7 @@ pub async fn memorize(
         .filter(|n| reembed.contains(&n.item.id))
         .map(|n| n.item.summary.clone())
         .collect();
-    let summary_texts: Vec<String> = new_summaries
-        .iter()
-        .map(|(id, summary)| {
-            let c = categories
-                .iter()
-                .find(|c| c.id == *id)
-                .expect("summaries name known categories");
-            format!(
-                "{}: {}\n{}",
-                c.name.replace('_', " "),
-                c.description,
-                summary
-            )
-        })
-        .collect();
+    let summary_texts = super::summary_texts(&categories, &new_summaries);
     let revised_count = texts.len();
     texts.extend(summary_texts);
     let mut vectors = service.embedder.embed(&texts).await?.into_iter();

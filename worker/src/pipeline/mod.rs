@@ -289,21 +289,7 @@ pub async fn memorize_offline(
             .collect();
         summaries.push((*category_id, lines.join("\n")));
     }
-    let summary_texts: Vec<String> = summaries
-        .iter()
-        .map(|(id, summary)| {
-            let c = categories
-                .iter()
-                .find(|c| c.id == *id)
-                .expect("touched category exists");
-            format!(
-                "{}: {}\n{}",
-                c.name.replace('_', " "),
-                c.description,
-                summary
-            )
-        })
-        .collect();
+    let summary_texts = summary_texts(&categories, &summaries);
     let summary_vectors = service.embedder.embed(&summary_texts).await?;
     let category_updates = summaries
         .into_iter()
@@ -325,6 +311,26 @@ pub async fn memorize_offline(
             .or_else(|| Some(offline::caption(&messages))),
         ..Default::default()
     })
+}
+
+/// What a category summary is embedded as: the category's name and description, then the
+/// summary, so a query about the topic finds the category even when the summary is terse.
+pub fn summary_texts(categories: &[Category], summaries: &[(Uuid, String)]) -> Vec<String> {
+    summaries
+        .iter()
+        .map(|(id, summary)| {
+            let c = categories
+                .iter()
+                .find(|c| c.id == *id)
+                .expect("summaries name the scope's categories");
+            format!(
+                "{}: {}\n{}",
+                c.name.replace('_', " "),
+                c.description,
+                summary
+            )
+        })
+        .collect()
 }
 
 /// A document's paragraphs as messages, so documents segment like conversations.

@@ -151,21 +151,24 @@ pub fn build_media(
     config: &WorkerConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Option<Arc<dyn MediaReader>>> {
-    let Some(name) = config
-        .llm
-        .media
-        .as_deref()
-        .or(config.llm.provider.as_deref())
-    else {
+    Ok(role_client(config, config.llm.media.as_deref(), metrics)?
+        .map(|c| Arc::new(c) as Arc<dyn MediaReader>))
+}
+
+/// The OpenAI-compatible client of a role's profile (else `llm.provider`), if any.
+fn role_client(
+    config: &WorkerConfig,
+    profile_name: Option<&str>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Option<openai::OpenAiClient>> {
+    let Some(name) = profile_name.or(config.llm.provider.as_deref()) else {
         return Ok(None);
     };
     let profile = config
         .providers
         .get(name)
         .ok_or_else(|| anyhow::anyhow!("no provider profile named `{name}`"))?;
-    Ok(Some(Arc::new(openai::OpenAiClient::new(
-        name, profile, metrics,
-    )?)))
+    Ok(Some(openai::OpenAiClient::new(name, profile, metrics)?))
 }
 
 /// The embedder of the configured profile.
@@ -195,14 +198,5 @@ pub fn build_chat(
     profile_name: Option<&str>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Option<Arc<dyn ChatModel>>> {
-    let Some(name) = profile_name.or(config.llm.provider.as_deref()) else {
-        return Ok(None);
-    };
-    let profile = config
-        .providers
-        .get(name)
-        .ok_or_else(|| anyhow::anyhow!("no provider profile named `{name}`"))?;
-    Ok(Some(Arc::new(openai::OpenAiClient::new(
-        name, profile, metrics,
-    )?)))
+    Ok(role_client(config, profile_name, metrics)?.map(|c| Arc::new(c) as Arc<dyn ChatModel>))
 }
