@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::store::PoolStats;
+use crate::store::{PoolStats, QueueStats};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -93,6 +93,8 @@ pub struct Metrics {
     pub memorize_tasks: Family<StatusLabels, Counter>,
     pub memorize_duration: Histogram,
     pub memory_items_written: Counter,
+    pub queue_depth: Family<StatusLabels, Gauge>,
+    pub queue_oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -126,6 +128,18 @@ impl Metrics {
         let memorize_tasks = Family::<StatusLabels, Counter>::default();
         let memorize_duration = latency_histogram();
         let memory_items_written = Counter::default();
+        let queue_depth = Family::<StatusLabels, Gauge>::default();
+        let queue_oldest_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "memu_queue_depth",
+            "Memorize tasks waiting (PENDING) and running (PROCESSING), across all workers",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "memu_queue_oldest_pending_age_seconds",
+            "Age of the oldest PENDING memorize task",
+            queue_oldest_age.clone(),
+        );
 
         registry.register(
             "http_requests",
@@ -233,6 +247,8 @@ impl Metrics {
             memorize_tasks,
             memorize_duration,
             memory_items_written,
+            queue_depth,
+            queue_oldest_age,
         }
     }
 
@@ -254,6 +270,17 @@ impl Metrics {
                     .set(value as i64);
             }
         }
+    }
+
+    pub fn set_queue_stats(&self, queue: &QueueStats) {
+        for (status, n) in [("PENDING", queue.pending), ("PROCESSING", queue.processing)] {
+            self.queue_depth
+                .get_or_create(&StatusLabels {
+                    status: status.to_string(),
+                })
+                .set(n as i64);
+        }
+        self.queue_oldest_age.set(queue.oldest_pending_seconds);
     }
 
     /// OpenMetrics text of every metric.

@@ -72,6 +72,8 @@ pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ServiceE
 #[derive(Clone, Debug)]
 pub struct MemorizeInput {
     pub scope: Scope,
+    /// The client's `Idempotency-Key`: the same key returns the same task.
+    pub idempotency_key: Option<String>,
     pub user_name: Option<String>,
     pub agent_name: Option<String>,
     pub session_date: Option<DateTime<Utc>>,
@@ -193,6 +195,15 @@ impl MemoryService {
     /// conversation memorized again for the same scope is not extracted twice: the earlier task
     /// is returned, with `true`.
     pub async fn memorize(&self, input: MemorizeInput) -> Result<(Task, bool), ServiceError> {
+        let key = input.idempotency_key.as_deref();
+        if let Some(key) = key
+            && let Some(task) = self
+                .store
+                .find_task_by_key(&input.scope.user_id, key)
+                .await?
+        {
+            return Ok((task, true));
+        }
         let hash = content_hash(&serde_json::json!(input.messages));
         if let Some(task) = self.store.find_memorized(&input.scope, &hash).await? {
             return Ok((task, true));
@@ -215,9 +226,24 @@ impl MemoryService {
             created_at: now,
         };
         let task = pending_task(&resource);
-        self.store
-            .enqueue_memorize(&resource, &task, input.user_name.as_deref())
-            .await?;
+        match self
+            .store
+            .enqueue_memorize(&resource, &task, input.user_name.as_deref(), key)
+            .await
+        {
+            Ok(()) => {}
+            // A concurrent request with the same key won the race: answer with its task.
+            Err(StoreError::Duplicate(_)) if key.is_some() => {
+                let user = &input.scope.user_id;
+                let task = self
+                    .store
+                    .find_task_by_key(user, key.expect("checked"))
+                    .await?
+                    .ok_or_else(|| ServiceError::NotFound("task of the idempotency key".into()))?;
+                return Ok((task, true));
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.new_work.notify_one();
         Ok((task, false))
     }
@@ -307,9 +333,27 @@ impl MemoryService {
             created_at: now,
         };
         let task = pending_task(&resource);
-        self.store.enqueue_memorize(&resource, &task, None).await?;
+        self.store
+            .enqueue_memorize(&resource, &task, None, None)
+            .await?;
         self.new_work.notify_one();
         Ok((task, false))
+    }
+
+    /// Puts a FAILED task back in the queue (its resource was kept).
+    pub async fn retry_task(&self, id: Uuid) -> Result<Task, ServiceError> {
+        if let Some(task) = self.store.retry_task(id).await? {
+            self.new_work.notify_one();
+            return Ok(task);
+        }
+        let task = self.task(id).await?;
+        Err(invalid(
+            "task_id",
+            format!(
+                "task {id} is {}: only FAILED tasks can be retried",
+                task.status.as_str()
+            ),
+        ))
     }
 
     pub async fn task(&self, id: Uuid) -> Result<Task, ServiceError> {

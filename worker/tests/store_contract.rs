@@ -124,7 +124,7 @@ async fn memorize_job_round_trip(pg: bool) {
     store.check_ready().await.expect("ready after migrate");
     let (resource, task) = resource_and_task("alice", Utc::now());
     store
-        .enqueue_memorize(&resource, &task, Some("Alice"))
+        .enqueue_memorize(&resource, &task, Some("Alice"), None)
         .await
         .unwrap();
     assert_eq!(
@@ -229,7 +229,7 @@ async fn one_job_per_user_at_a_time(pg: bool) {
     let (r2, t2) = resource_and_task("u1", at(2));
     let (r3, t3) = resource_and_task("u2", at(3));
     for (r, t) in [(&r1, &t1), (&r2, &t2), (&r3, &t3)] {
-        store.enqueue_memorize(r, t, None).await.unwrap();
+        store.enqueue_memorize(r, t, None, None).await.unwrap();
     }
     let lease = Duration::from_secs(60);
     let first = store.claim_task("a", lease).await.unwrap().unwrap().0;
@@ -246,7 +246,7 @@ async fn one_job_per_user_at_a_time(pg: bool) {
     assert_eq!(third.id, t2.id);
     // An expired lease makes the job claimable again, with the attempt counted.
     let (r4, t4) = resource_and_task("u3", at(4));
-    store.enqueue_memorize(&r4, &t4, None).await.unwrap();
+    store.enqueue_memorize(&r4, &t4, None, None).await.unwrap();
     let lost = store
         .claim_task("d", Duration::from_millis(1))
         .await
@@ -263,7 +263,7 @@ async fn one_job_per_user_at_a_time(pg: bool) {
 async fn failures_retry_then_fail(pg: bool) {
     let (store, _config, _db) = open(pg).await;
     let (r, t) = resource_and_task("u", at(1));
-    store.enqueue_memorize(&r, &t, None).await.unwrap();
+    store.enqueue_memorize(&r, &t, None, None).await.unwrap();
     let lease = Duration::from_secs(60);
     let claimed = store.claim_task("w", lease).await.unwrap().unwrap().0;
     store
@@ -500,7 +500,7 @@ async fn update_and_delete_items(pg: bool) {
 async fn erase_and_export_a_user(pg: bool) {
     let (store, _config, _db) = open(pg).await;
     let (r, t) = resource_and_task("gone", at(1));
-    store.enqueue_memorize(&r, &t, None).await.unwrap();
+    store.enqueue_memorize(&r, &t, None, None).await.unwrap();
     let claimed = store
         .claim_task("w", Duration::from_secs(60))
         .await
@@ -640,7 +640,7 @@ async fn categories_are_private_per_user(pg: bool) {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].id, a[0].id);
     let (r, t) = resource_and_task("a", at(1));
-    store.enqueue_memorize(&r, &t, None).await.unwrap();
+    store.enqueue_memorize(&r, &t, None, None).await.unwrap();
     let claimed = store
         .claim_task("w", Duration::from_secs(60))
         .await

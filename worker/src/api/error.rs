@@ -108,6 +108,11 @@ fn store_error(e: StoreError) -> ApiError {
         StoreError::Invalid(message) => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
         }
+        StoreError::Duplicate(what) => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("{what} already in use"),
+        ),
         StoreError::NotReady(message) | StoreError::Incompatible(message) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message)
         }

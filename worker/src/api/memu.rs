@@ -337,6 +337,7 @@ fn memorize_input(state: &AppState, req: MemorizeRequest) -> Result<MemorizeInpu
         });
     }
     Ok(MemorizeInput {
+        idempotency_key: None,
         scope: Scope::new(req.user_id, req.agent_id),
         user_name: req.user_name,
         agent_name: req.agent_name,
@@ -349,15 +350,31 @@ fn memorize_input(state: &AppState, req: MemorizeRequest) -> Result<MemorizeInpu
     })
 }
 
-/// Queue a conversation for memorization.
+/// Queue a conversation for memorization. An `Idempotency-Key` header makes a retried request
+/// return the task the first one created.
 #[utoipa::path(post, path = "/api/v3/memory/memorize", tag = "memory",
     request_body = MemorizeRequest,
     responses((status = 202, body = MemorizeResponse), (status = 422, body = super::error::ErrorBody)))]
 pub async fn memorize(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<MemorizeRequest>,
 ) -> Result<(StatusCode, Json<MemorizeResponse>), ApiError> {
-    let input = memorize_input(&state, req)?;
+    let mut input = memorize_input(&state, req)?;
+    if let Some(key) = headers.get("idempotency-key") {
+        let key = key
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|k| !k.is_empty() && k.len() <= 255)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "Idempotency-Key",
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                )
+            })?;
+        input.idempotency_key = Some(key.to_string());
+    }
     let (task, repeated) = state.service.memorize(input).await?;
     Ok(queued(task, repeated, "conversation"))
 }
@@ -400,6 +417,23 @@ pub async fn memorize_status(
 }
 
 /// The query text and, for a conversation, the messages before it (the `llm` router's context).
+/// Put a FAILED memorize task back in the queue with a fresh attempt budget.
+#[utoipa::path(post, path = "/api/v3/memory/memorize/{task_id}/retry", tag = "memory",
+    params(("task_id" = Uuid, Path)),
+    responses((status = 202, body = TaskStatusResponse), (status = 404, body = super::error::ErrorBody),
+        (status = 422, body = super::error::ErrorBody)))]
+pub async fn memorize_retry(
+    State(state): State<AppState>,
+    Path(task_id): Path<String>,
+) -> Result<(StatusCode, Json<TaskStatusResponse>), ApiError> {
+    let id = Uuid::parse_str(&task_id)
+        .map_err(|_| ApiError::invalid("task_id", format!("task_id `{task_id}` is not a UUID")))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(state.service.retry_task(id).await?.into()),
+    ))
+}
+
 fn query_text(query: Query) -> Result<(String, Vec<(String, String)>), ApiError> {
     let (text, context) = match query {
         Query::Text(t) => (t, Vec::new()),

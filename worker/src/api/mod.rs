@@ -49,6 +49,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(memu::memorize))
         .routes(routes!(memu::memorize_status))
+        .routes(routes!(memu::memorize_retry))
         .routes(routes!(memu::retrieve))
         .routes(routes!(memu::categories))
         .routes(routes!(memu::clear))
@@ -172,6 +173,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>) -> Response {
     let service = &state.service;
     service.metrics.set_pool_stats(&service.store.pool_stats());
+    // Queue figures come from the database, so every replica reports the same queue.
+    match service.store.queue_stats().await {
+        Ok(queue) => service.metrics.set_queue_stats(&queue),
+        Err(e) => tracing::warn!(error = %e, "cannot read the queue figures"),
+    }
     (
         [(
             header::CONTENT_TYPE,

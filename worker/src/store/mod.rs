@@ -33,6 +33,28 @@ pub enum StoreError {
     NotReady(String),
     #[error("{0}")]
     Invalid(String),
+    /// A unique key is taken (an idempotency key used before).
+    #[error("already exists: {0}")]
+    Duplicate(String),
+}
+
+/// Memorize queue figures, exported on `/metrics` for queue-driven autoscaling.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueStats {
+    pub pending: u64,
+    pub processing: u64,
+    /// Age of the oldest PENDING task (0 when none).
+    pub oldest_pending_seconds: f64,
+}
+
+/// Maps a unique-key violation to [`StoreError::Duplicate`].
+pub(crate) fn duplicate_or(e: sqlx::Error, what: &str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Duplicate(what.to_string())
+        }
+        _ => StoreError::Database(e),
+    }
 }
 
 /// Connection pool figures for the metrics endpoint.
@@ -80,13 +102,23 @@ pub trait MemoryStore: Send + Sync + 'static {
     async fn check_ready(&self) -> Result<(), StoreError>;
     fn pool_stats(&self) -> Vec<PoolStats>;
 
-    /// Stores the resource and its PENDING task atomically (and the user, if new).
+    /// Stores the resource and its PENDING task atomically (and the user, if new). With an
+    /// idempotency key already used by this user, nothing is written and
+    /// [`StoreError::Duplicate`] is returned.
     async fn enqueue_memorize(
         &self,
         resource: &Resource,
         task: &Task,
         user_name: Option<&str>,
+        idempotency_key: Option<&str>,
     ) -> Result<(), StoreError>;
+    /// The task a memorize with this idempotency key created.
+    async fn find_task_by_key(&self, user_id: &str, key: &str) -> Result<Option<Task>, StoreError>;
+    /// Puts a FAILED task back in the queue with a fresh attempt budget; None when the task is
+    /// unknown or not FAILED.
+    async fn retry_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError>;
+    /// Queue figures for autoscaling.
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError>;
     /// Takes the oldest runnable task (PENDING, or PROCESSING with an expired lease).
     async fn claim_task(
         &self,

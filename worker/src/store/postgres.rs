@@ -15,8 +15,8 @@ use uuid::Uuid;
 use memu_crds::worker::{CategorySpec, VectorConfig, WorkerConfig};
 
 use super::{
-    EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
-    encode_cursor, erase_statements, text_query_terms,
+    EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport, check_space,
+    decode_cursor, duplicate_or, encode_cursor, erase_statements, text_query_terms,
 };
 use crate::config::read_secret;
 use crate::model::{
@@ -461,6 +461,7 @@ impl MemoryStore for PgStore {
         resource: &Resource,
         task: &Task,
         user_name: Option<&str>,
+        idempotency_key: Option<&str>,
     ) -> Result<(), StoreError> {
         let mut tx = self.primary.begin().await?;
         Self::upsert_user(&mut tx, &resource.user_id, user_name).await?;
@@ -479,8 +480,8 @@ impl MemoryStore for PgStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO memorize_tasks (user_id, id, agent_id, resource_id, status, attempts, created_at) \
-             VALUES ($1, $2, $3, $4, $5, 0, $6)",
+            "INSERT INTO memorize_tasks (user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key) \
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7)",
         )
         .bind(&task.user_id)
         .bind(task.id)
@@ -488,8 +489,10 @@ impl MemoryStore for PgStore {
         .bind(task.resource_id)
         .bind(task.status.as_str())
         .bind(task.created_at)
+        .bind(idempotency_key)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .map_err(|e| duplicate_or(e, "idempotency key"))?;
         tx.commit().await?;
         Ok(())
     }
@@ -512,6 +515,44 @@ impl MemoryStore for PgStore {
         .await?
         .map(|r| task_from_row(&r))
         .transpose()
+    }
+
+    async fn find_task_by_key(&self, user_id: &str, key: &str) -> Result<Option<Task>, StoreError> {
+        sqlx::query("SELECT * FROM memorize_tasks WHERE user_id = $1 AND idempotency_key = $2")
+            .bind(user_id)
+            .bind(key)
+            .fetch_optional(&self.primary)
+            .await?
+            .map(|r| task_from_row(&r))
+            .transpose()
+    }
+
+    async fn retry_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
+        sqlx::query(
+            "UPDATE memorize_tasks SET status = 'PENDING', attempts = 0, error = NULL, \
+             completed_at = NULL, lease_until = NULL, worker_id = NULL \
+             WHERE id = $1 AND status = 'FAILED' RETURNING *",
+        )
+        .bind(task_id)
+        .fetch_optional(&self.primary)
+        .await?
+        .map(|r| task_from_row(&r))
+        .transpose()
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (pending, processing, oldest): (i64, i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'PENDING'), count(*) FILTER (WHERE status = 'PROCESSING'), \
+             extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'PENDING'))::float8 \
+             FROM memorize_tasks WHERE status IN ('PENDING', 'PROCESSING')",
+        )
+        .fetch_one(&self.primary)
+        .await?;
+        Ok(QueueStats {
+            pending: pending as u64,
+            processing: processing as u64,
+            oldest_pending_seconds: oldest.unwrap_or(0.0).max(0.0),
+        })
     }
 
     async fn claim_task(

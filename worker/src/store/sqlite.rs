@@ -16,8 +16,8 @@ use memu_crds::worker::{CategorySpec, WorkerConfig};
 
 use super::vector_index::{RowMeta, UserIndexes};
 use super::{
-    EmbeddingSpace, MemoryStore, PoolStats, StoreError, UserExport, check_space, decode_cursor,
-    encode_cursor, erase_statements, text_query_terms,
+    EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport, check_space,
+    decode_cursor, duplicate_or, encode_cursor, erase_statements, text_query_terms,
 };
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
@@ -392,6 +392,7 @@ impl MemoryStore for SqliteStore {
         resource: &Resource,
         task: &Task,
         user_name: Option<&str>,
+        idempotency_key: Option<&str>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         Self::upsert_user(&mut tx, &resource.user_id, user_name).await?;
@@ -410,8 +411,8 @@ impl MemoryStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO memorize_tasks (user_id, id, agent_id, resource_id, status, attempts, created_at) \
-             VALUES (?, ?, ?, ?, ?, 0, ?)",
+            "INSERT INTO memorize_tasks (user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key) \
+             VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
         )
         .bind(&task.user_id)
         .bind(task.id.to_string())
@@ -419,8 +420,10 @@ impl MemoryStore for SqliteStore {
         .bind(task.resource_id.to_string())
         .bind(task.status.as_str())
         .bind(micros(task.created_at))
+        .bind(idempotency_key)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .map_err(|e| duplicate_or(e, "idempotency key"))?;
         tx.commit().await?;
         Ok(())
     }
@@ -443,6 +446,45 @@ impl MemoryStore for SqliteStore {
         .await?
         .map(|r| task_from_row(&r))
         .transpose()
+    }
+
+    async fn find_task_by_key(&self, user_id: &str, key: &str) -> Result<Option<Task>, StoreError> {
+        sqlx::query("SELECT * FROM memorize_tasks WHERE user_id = ? AND idempotency_key = ?")
+            .bind(user_id)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| task_from_row(&r))
+            .transpose()
+    }
+
+    async fn retry_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
+        sqlx::query(
+            "UPDATE memorize_tasks SET status = 'PENDING', attempts = 0, error = NULL, \
+             completed_at = NULL, lease_until = NULL, worker_id = NULL \
+             WHERE id = ? AND status = 'FAILED' RETURNING *",
+        )
+        .bind(task_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| task_from_row(&r))
+        .transpose()
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (pending, processing, oldest): (i64, i64, Option<i64>) = sqlx::query_as(
+            "SELECT coalesce(sum(status = 'PENDING'), 0), coalesce(sum(status = 'PROCESSING'), 0), \
+             min(CASE WHEN status = 'PENDING' THEN created_at END) \
+             FROM memorize_tasks WHERE status IN ('PENDING', 'PROCESSING')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let now = micros(Utc::now());
+        Ok(QueueStats {
+            pending: pending as u64,
+            processing: processing as u64,
+            oldest_pending_seconds: oldest.map(|t| (now - t).max(0) as f64 / 1e6).unwrap_or(0.0),
+        })
     }
 
     async fn claim_task(
