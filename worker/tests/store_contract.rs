@@ -110,6 +110,7 @@ contract!(
     memorize_job_round_trip,
     one_job_per_user_at_a_time,
     failures_retry_then_fail,
+    a_taken_over_claim_writes_nothing,
     search_ranks_filters_and_isolates_users,
     list_pages_and_filters,
     update_and_delete_items,
@@ -280,6 +281,60 @@ async fn failures_retry_then_fail(pg: bool) {
     assert_eq!(task.status, TaskStatus::Failed);
     assert!(task.completed_at.is_some());
     assert!(store.claim_task("w", lease).await.unwrap().is_none());
+}
+
+/// A worker whose lease expired and was taken over writes nothing: neither its results nor its
+/// failure. Only the current claim completes, so a job's items exist once.
+async fn a_taken_over_claim_writes_nothing(pg: bool) {
+    let (store, _config, _db) = open(pg).await;
+    let (r, t) = resource_and_task("u", at(1));
+    store.enqueue_memorize(&r, &t, None, None).await.unwrap();
+    let stale = store
+        .claim_task("slow", Duration::from_millis(1))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let current = store
+        .claim_task("fast", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(current.id, stale.id);
+    let outcome = |text: &str| {
+        let mut fact = item("u", "", MemoryType::Profile, text, at(1));
+        fact.resource_id = Some(r.id);
+        MemorizeOutcome {
+            items: vec![NewItem {
+                item: fact,
+                embedding: vector(1, 0.0),
+            }],
+            ..Default::default()
+        }
+    };
+    store
+        .fail_task(&stale, "late failure", false)
+        .await
+        .unwrap();
+    store.complete_task(&stale, outcome("stale")).await.unwrap();
+    assert_eq!(
+        store.get_task(t.id).await.unwrap().unwrap().status,
+        TaskStatus::Processing
+    );
+    store
+        .complete_task(&current, outcome("current"))
+        .await
+        .unwrap();
+    let task = store.get_task(t.id).await.unwrap().unwrap();
+    assert_eq!(task.status, TaskStatus::Success);
+    let page = store
+        .list_items("u", &ItemFilter::default(), 10, None)
+        .await
+        .unwrap();
+    let texts: Vec<&str> = page.items.iter().map(|i| i.summary.as_str()).collect();
+    assert_eq!(texts, ["current"]);
 }
 
 async fn search_ranks_filters_and_isolates_users(pg: bool) {

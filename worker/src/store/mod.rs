@@ -140,9 +140,11 @@ pub trait MemoryStore: Send + Sync + 'static {
         content_hash: &str,
     ) -> Result<Option<Task>, StoreError>;
     /// Writes the job's results (new items, revised items, links, summaries) and marks the task
-    /// SUCCESS, in one transaction.
+    /// SUCCESS, in one transaction — only while this claim (its `attempts`) still holds the
+    /// task: a worker whose lease expired and was taken over writes nothing.
     async fn complete_task(&self, task: &Task, outcome: MemorizeOutcome) -> Result<(), StoreError>;
-    /// Records a failure: back to PENDING when `retry`, else FAILED for good.
+    /// Records a failure: back to PENDING when `retry`, else FAILED for good (ignored when
+    /// the claim was taken over, like `complete_task`).
     async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError>;
     async fn get_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError>;
 

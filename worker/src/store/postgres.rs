@@ -611,10 +611,11 @@ impl MemoryStore for PgStore {
         let mut tx = self.primary.begin().await?;
         let done = sqlx::query(
             "UPDATE memorize_tasks SET status = 'SUCCESS', completed_at = now(), error = NULL, lease_until = NULL \
-             WHERE user_id = $1 AND id = $2 AND status = 'PROCESSING'",
+             WHERE user_id = $1 AND id = $2 AND status = 'PROCESSING' AND attempts = $3",
         )
         .bind(&task.user_id)
         .bind(task.id)
+        .bind(task.attempts as i32)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -679,13 +680,15 @@ impl MemoryStore for PgStore {
     async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE memorize_tasks SET status = $1, error = $2, lease_until = NULL, worker_id = NULL, \
-             completed_at = CASE WHEN $3 THEN NULL ELSE now() END WHERE user_id = $4 AND id = $5",
+             completed_at = CASE WHEN $3 THEN NULL ELSE now() END \
+             WHERE user_id = $4 AND id = $5 AND status = 'PROCESSING' AND attempts = $6",
         )
         .bind(if retry { "PENDING" } else { "FAILED" })
         .bind(error)
         .bind(retry)
         .bind(&task.user_id)
         .bind(task.id)
+        .bind(task.attempts as i32)
         .execute(&self.primary)
         .await?;
         Ok(())

@@ -589,10 +589,11 @@ impl MemoryStore for SqliteStore {
         }
         let done = sqlx::query(
             "UPDATE memorize_tasks SET status = 'SUCCESS', completed_at = ?, error = NULL, lease_until = NULL \
-             WHERE id = ? AND status = 'PROCESSING'",
+             WHERE id = ? AND status = 'PROCESSING' AND attempts = ?",
         )
         .bind(now)
         .bind(task.id.to_string())
+        .bind(task.attempts as i64)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -610,12 +611,13 @@ impl MemoryStore for SqliteStore {
         let now = micros(Utc::now());
         sqlx::query(
             "UPDATE memorize_tasks SET status = ?, error = ?, lease_until = NULL, worker_id = NULL, \
-             completed_at = ? WHERE id = ?",
+             completed_at = ? WHERE id = ? AND status = 'PROCESSING' AND attempts = ?",
         )
         .bind(if retry { "PENDING" } else { "FAILED" })
         .bind(error)
         .bind(if retry { None } else { Some(now) })
         .bind(task.id.to_string())
+        .bind(task.attempts as i64)
         .execute(&self.pool)
         .await?;
         Ok(())
