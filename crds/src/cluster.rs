@@ -221,6 +221,11 @@ pub struct Autoscaling {
     #[serde(rename = "targetCPUUtilizationPercentage")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_cpu_utilization_percentage: Option<i32>,
+    /// Pipeline with KEDA installed: queued and running memorize jobs per replica that KEDA
+    /// scales for (default 10).
+    #[x_kube(validation = Rule::new("self >= 1").message("targetQueueDepth must be at least 1"))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_queue_depth: Option<i32>,
 }
 
 /// One workload (api or pipeline).

@@ -138,6 +138,7 @@ async fn capabilities(client: &Client) -> Result<Capabilities, Error> {
             .get_opt("servicemonitors.monitoring.coreos.com")
             .await?
             .is_some(),
+        keda: crds.get_opt("scaledobjects.keda.sh").await?.is_some(),
     })
 }
 

@@ -62,6 +62,8 @@ pub struct Capabilities {
     pub cnpg: bool,
     /// prometheus-operator's `monitoring.coreos.com/v1` ServiceMonitor CRD is installed.
     pub service_monitor: bool,
+    /// KEDA's `keda.sh/v1alpha1` ScaledObject CRD is installed: the pipeline scales on the queue.
+    pub keda: bool,
 }
 
 /// A spec the operator cannot realise, with the reason for the `Stalled` condition.
@@ -404,6 +406,15 @@ pub fn citus_credentials(cluster: &MemUCluster, password: &str) -> Secret {
             ("username".into(), "memu".into()),
             ("password".into(), password.into()),
             ("dbname".into(), "memu".into()),
+            // The whole DSN, for consumers that take one string (KEDA's postgresql scaler).
+            (
+                "uri".into(),
+                format!(
+                    "postgres://memu:{password}@{}.{}.svc:5432/memu",
+                    citus_name(cluster, "coordinator"),
+                    namespace(cluster)
+                ),
+            ),
         ])),
         ..Default::default()
     }
@@ -789,6 +800,77 @@ pub fn replicas(tier: Tier, role: Role, workload: &WorkloadSpec) -> Option<i32> 
     )
 }
 
+/// Queued and running jobs per pipeline replica that KEDA aims for.
+pub const DEFAULT_QUEUE_TARGET: i32 = 10;
+
+/// The Secret key holding the primary DSN, for KEDA's postgresql scaler.
+fn primary_dsn_secret(cluster: &MemUCluster) -> Option<SecretKeyRef> {
+    let spec = &cluster.spec;
+    match (spec.topology(), &spec.database.external) {
+        (Topology::Sqlite, _) => None,
+        (_, Some(external)) => Some(external.primary.clone()),
+        (Topology::Citus, None) => Some(SecretKeyRef {
+            name: citus_name(cluster, "credentials"),
+            key: "uri".into(),
+        }),
+        // CloudNativePG writes the full DSN into <cluster>-app under `uri`.
+        (_, None) => Some(SecretKeyRef {
+            name: format!("{}-app", cnpg_name(cluster)),
+            key: "uri".into(),
+        }),
+    }
+}
+
+/// A KEDA ScaledObject on the memorize queue depth (postgresql trigger; CPU too) and the
+/// TriggerAuthentication that hands it the DSN from its Secret.
+fn queue_scaler(
+    cluster: &MemUCluster,
+    component: &str,
+    (min, max, cpu): (i32, i32, i32),
+    target: i32,
+    dsn: &SecretKeyRef,
+) -> Vec<(ApiResource, DynamicObject)> {
+    let n = name(cluster);
+    let target_name = format!("{n}-{component}");
+    let auth_ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "keda.sh",
+        "v1alpha1",
+        "TriggerAuthentication",
+    ));
+    let mut auth = DynamicObject::new(&format!("{target_name}-queue"), &auth_ar).data(json!({
+        "spec": {"secretTargetRef": [{"parameter": "connection", "name": dsn.name, "key": dsn.key}]}
+    }));
+    auth.metadata = meta(cluster, format!("{target_name}-queue"), component, true);
+    let scaled_ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "keda.sh",
+        "v1alpha1",
+        "ScaledObject",
+    ));
+    let mut scaled = DynamicObject::new(&target_name, &scaled_ar).data(json!({
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_name},
+            "minReplicaCount": min,
+            "maxReplicaCount": max,
+            "pollingInterval": 15,
+            "cooldownPeriod": 300,
+            "triggers": [
+                {
+                    "type": "postgresql",
+                    "metadata": {
+                        "query": "SELECT count(*) FROM memorize_tasks WHERE status IN ('PENDING', 'PROCESSING')",
+                        "targetQueryValue": target.to_string(),
+                        "activationTargetQueryValue": "0",
+                    },
+                    "authenticationRef": {"name": format!("{target_name}-queue")},
+                },
+                {"type": "cpu", "metricType": "Utilization", "metadata": {"value": cpu.to_string()}},
+            ],
+        }
+    }));
+    scaled.metadata = meta(cluster, target_name, component, true);
+    vec![(auth_ar, auth), (scaled_ar, scaled)]
+}
+
 /// (min, max, cpu target) when the workload autoscales.
 pub fn autoscaling(tier: Tier, role: Role, workload: &WorkloadSpec) -> Option<(i32, i32, i32)> {
     match (&workload.autoscaling, workload.replicas) {
@@ -920,7 +1002,25 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
                 }),
                 ..Default::default()
             });
-            if let Some((min, max, cpu)) = autoscaling(spec.tier, role, workload) {
+            let queue_scaled = caps.keda && role == Role::Pipeline;
+            if let Some((min, max, cpu)) = autoscaling(spec.tier, role, workload)
+                && queue_scaled
+                && let Some(dsn) = primary_dsn_secret(cluster)
+            {
+                // KEDA owns the pipeline's HPA: scale on the memorize queue, CPU as a floor.
+                let target = workload
+                    .autoscaling
+                    .as_ref()
+                    .and_then(|a| a.target_queue_depth)
+                    .unwrap_or(DEFAULT_QUEUE_TARGET);
+                out.dynamic.extend(queue_scaler(
+                    cluster,
+                    component,
+                    (min, max, cpu),
+                    target,
+                    &dsn,
+                ));
+            } else if let Some((min, max, cpu)) = autoscaling(spec.tier, role, workload) {
                 out.hpas.push(HorizontalPodAutoscaler {
                     metadata: meta(cluster, format!("{n}-{component}"), component, true),
                     spec: Some(HorizontalPodAutoscalerSpec {

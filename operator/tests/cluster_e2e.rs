@@ -270,6 +270,27 @@ async fn failover_managed_citus_and_delete_policy() {
         "api and pipeline, once each"
     );
 
+    // KEDA is installed in the test cluster: the pipeline scales on the queue, the api on CPU.
+    let scaled: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "keda.sh",
+            "v1alpha1",
+            "ScaledObject",
+        )),
+    );
+    let queue = scaled.get("memu-doomed-pipeline").await.unwrap();
+    assert_eq!(queue.data["spec"]["triggers"][0]["type"], "postgresql");
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        hpas.get_opt("memu-doomed-pipeline")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(hpas.get_opt("memu-doomed-api").await.unwrap().is_some());
+
     // The new leader keeps reconciling changes.
     doomed["spec"]["image"] = json!("example.org/memu-worker:failover");
     let edited: MemUCluster = serde_json::from_value(doomed.clone()).unwrap();

@@ -20,6 +20,7 @@ fn sample(name: &str) -> MemUCluster {
 const ALL: Capabilities = Capabilities {
     cnpg: true,
     service_monitor: true,
+    keda: false,
 };
 
 fn config_of(d: &render::Desired) -> WorkerConfig {
@@ -376,4 +377,61 @@ fn managed_citus_is_a_coordinator_and_one_statefulset_per_worker() {
     );
     let secret = render::citus_credentials(&cluster, "pw");
     assert_eq!(secret.string_data.unwrap()["password"], "pw");
+}
+
+#[test]
+fn with_keda_the_pipeline_scales_on_the_queue_and_the_api_on_cpu() {
+    let medium = sample("medium");
+    let keda = Capabilities { keda: true, ..ALL };
+    let d = desired(&medium, keda).unwrap();
+    let hpas: Vec<_> = d
+        .hpas
+        .iter()
+        .map(|h| h.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(hpas, ["memu-medium-api"], "KEDA owns the pipeline's HPA");
+    let scaled = d
+        .dynamic
+        .iter()
+        .find(|(ar, _)| ar.kind == "ScaledObject")
+        .map(|(_, o)| o)
+        .unwrap();
+    assert_eq!(
+        scaled.metadata.name.as_deref(),
+        Some("memu-medium-pipeline")
+    );
+    let spec = &scaled.data["spec"];
+    assert_eq!(spec["scaleTargetRef"]["name"], "memu-medium-pipeline");
+    assert_eq!(spec["minReplicaCount"], 1);
+    assert_eq!(spec["maxReplicaCount"], 6);
+    let queue = &spec["triggers"][0];
+    assert_eq!(queue["type"], "postgresql");
+    assert_eq!(queue["metadata"]["targetQueryValue"], "10");
+    assert!(
+        queue["metadata"]["query"]
+            .as_str()
+            .unwrap()
+            .contains("memorize_tasks")
+    );
+    let auth = d
+        .dynamic
+        .iter()
+        .find(|(ar, _)| ar.kind == "TriggerAuthentication")
+        .map(|(_, o)| o)
+        .unwrap();
+    // The DSN stays in CloudNativePG's Secret: only its name and key are rendered.
+    assert_eq!(
+        auth.data["spec"]["secretTargetRef"][0],
+        serde_json::json!({"parameter": "connection", "name": "memu-medium-db-app", "key": "uri"})
+    );
+    let pipeline = d
+        .deployments
+        .iter()
+        .find(|x| x.metadata.name.as_deref() == Some("memu-medium-pipeline"))
+        .unwrap();
+    assert_eq!(pipeline.spec.as_ref().unwrap().replicas, None);
+    // Without KEDA: a CPU HPA for both workloads.
+    let plain = desired(&medium, ALL).unwrap();
+    assert_eq!(plain.hpas.len(), 2);
+    assert!(plain.dynamic.iter().all(|(ar, _)| ar.group != "keda.sh"));
 }
