@@ -370,7 +370,11 @@ async fn chat(
                 .and_then(Value::as_str)
                 .unwrap_or_default();
             let digest = hex(&Sha256::digest(last.as_bytes())[..6]);
-            if body.pointer("/response_format/type").is_some() {
+            if let Some(schema) = body.pointer("/response_format/json_schema/schema") {
+                // Structured outputs: the smallest answer that fits the schema, so any
+                // pipeline runs end to end without a script.
+                instance_of(schema, &digest).to_string()
+            } else if body.pointer("/response_format/type").is_some() {
                 json!({"stub": digest}).to_string()
             } else {
                 format!("stub reply {digest}")
@@ -433,6 +437,51 @@ async fn transcriptions(
     Json(json!({"text": content})).into_response()
 }
 
+/// A deterministic instance of a JSON schema: every property, one element per array, the first
+/// enum value, text derived from `seed`.
+pub fn instance_of(schema: &Value, seed: &str) -> Value {
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    let kind = match schema.get("type") {
+        Some(Value::String(t)) => t.as_str(),
+        // `["string", "null"]`: the first non-null type.
+        Some(Value::Array(types)) => types
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|t| *t != "null")
+            .unwrap_or("null"),
+        _ => "object",
+    };
+    match kind {
+        "object" => Value::Object(
+            schema
+                .get("properties")
+                .and_then(Value::as_object)
+                .map(|props| {
+                    props
+                        .iter()
+                        .map(|(k, v)| (k.clone(), instance_of(v, &format!("{seed} {k}"))))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+        "array" => json!([instance_of(
+            schema.get("items").unwrap_or(&Value::Null),
+            seed
+        )]),
+        "string" => json!(format!("stub {seed}")),
+        "integer" => json!(0),
+        "number" => json!(0.5),
+        "boolean" => json!(true),
+        _ => Value::Null,
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -440,6 +489,21 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_instances_fit_their_schema() {
+        let schema = json!({"type": "object", "properties": {
+            "items": {"type": "array", "items": {"type": "object", "properties": {
+                "memory_type": {"type": "string", "enum": ["profile", "event"]},
+                "when": {"type": ["string", "null"]},
+                "n": {"type": "integer"}}}},
+            "ok": {"type": "boolean"}}});
+        let v = instance_of(&schema, "abc");
+        assert_eq!(v["items"][0]["memory_type"], "profile");
+        assert_eq!(v["items"][0]["when"], "stub abc items when");
+        assert_eq!(v["items"][0]["n"], 0);
+        assert_eq!(v["ok"], true);
+    }
 
     #[test]
     fn embeddings_are_deterministic_unit_vectors_and_share_words() {
