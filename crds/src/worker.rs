@@ -628,6 +628,8 @@ pub struct PipelineConfig {
     pub max_attempts: u32,
     /// Time budget of one attempt of a job, provider retries included.
     pub job_timeout_secs: u64,
+    /// Wait before the first retry of a failed job; doubles per attempt, at most 5 minutes.
+    pub retry_backoff_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -638,6 +640,7 @@ impl Default for PipelineConfig {
             lease_secs: 120,
             max_attempts: 3,
             job_timeout_secs: 600,
+            retry_backoff_ms: 2000,
         }
     }
 }

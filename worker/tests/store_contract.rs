@@ -26,8 +26,17 @@ fn space() -> EmbeddingSpace {
 }
 
 async fn open(postgres: bool) -> (Arc<dyn MemoryStore>, WorkerConfig, common::Backend) {
+    open_with(postgres, 0).await
+}
+
+/// A store whose failed jobs wait `backoff_ms` (doubling) before their next attempt.
+async fn open_with(
+    postgres: bool,
+    backoff_ms: u64,
+) -> (Arc<dyn MemoryStore>, WorkerConfig, common::Backend) {
     let mut config = WorkerConfig::default();
     config.vector.dimension = DIM;
+    config.pipeline.retry_backoff_ms = backoff_ms;
     let (config, backend) = common::with_backend(config, postgres).await;
     let store = store::open(&config, space()).await.expect("open store");
     store.migrate().await.expect("migrate");
@@ -111,6 +120,7 @@ contract!(
     one_job_per_user_at_a_time,
     failures_retry_then_fail,
     a_taken_over_claim_writes_nothing,
+    retries_back_off_and_keep_the_users_order,
     search_ranks_filters_and_isolates_users,
     list_pages_and_filters,
     update_and_delete_items,
@@ -281,6 +291,40 @@ async fn failures_retry_then_fail(pg: bool) {
     assert_eq!(task.status, TaskStatus::Failed);
     assert!(task.completed_at.is_some());
     assert!(store.claim_task("w", lease).await.unwrap().is_none());
+}
+
+/// A failed job waits out its backoff, and the user's later jobs wait behind it (order kept),
+/// while other users' jobs go ahead.
+async fn retries_back_off_and_keep_the_users_order(pg: bool) {
+    let (store, _config, _db) = open_with(pg, 300).await;
+    let (r1, t1) = resource_and_task("u", at(1));
+    let (r2, t2) = resource_and_task("u", at(2));
+    let (r3, t3) = resource_and_task("other", at(3));
+    for (r, t) in [(&r1, &t1), (&r2, &t2), (&r3, &t3)] {
+        store.enqueue_memorize(r, t, None, None).await.unwrap();
+    }
+    let lease = Duration::from_secs(60);
+    let first = store.claim_task("w", lease).await.unwrap().unwrap().0;
+    assert_eq!(first.id, t1.id);
+    store
+        .fail_task(&first, "provider down", true)
+        .await
+        .unwrap();
+    // u's first job backs off; u's second must not overtake it; the other user proceeds.
+    let next = store.claim_task("w", lease).await.unwrap().unwrap().0;
+    assert_eq!(next.id, t3.id);
+    assert!(store.claim_task("w", lease).await.unwrap().is_none());
+    let mut again = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Some((t, _)) = store.claim_task("w", lease).await.unwrap() {
+            again = Some(t);
+            break;
+        }
+    }
+    let again = again.expect("the backoff ends");
+    assert_eq!(again.id, t1.id);
+    assert_eq!(again.attempts, 2);
 }
 
 /// A worker whose lease expired and was taken over writes nothing: neither its results nor its

@@ -47,6 +47,12 @@ pub struct QueueStats {
     pub oldest_pending_seconds: f64,
 }
 
+/// Wait before retry `attempt` (1-based) of a job: `base` × 2^(attempt-1), at most 5 minutes.
+pub(crate) fn retry_delay(base: Duration, attempt: u32) -> Duration {
+    base.saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(Duration::from_secs(300))
+}
+
 /// Maps a unique-key violation to [`StoreError::Duplicate`].
 pub(crate) fn duplicate_or(e: sqlx::Error, what: &str) -> StoreError {
     match &e {
@@ -333,6 +339,15 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor(at, id)).unwrap(), (at, id));
         assert!(decode_cursor("nope").is_err());
         assert!(decode_cursor("12_notauuid").is_err());
+    }
+
+    #[test]
+    fn job_retries_back_off_exponentially_and_cap() {
+        let base = Duration::from_secs(2);
+        assert_eq!(retry_delay(base, 1), Duration::from_secs(2));
+        assert_eq!(retry_delay(base, 3), Duration::from_secs(8));
+        assert_eq!(retry_delay(base, 40), Duration::from_secs(300));
+        assert_eq!(retry_delay(Duration::ZERO, 5), Duration::ZERO);
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct PgStore {
     space: EmbeddingSpace,
     vector: VectorConfig,
     max_connections: u32,
+    retry_backoff: Duration,
 }
 
 fn item_from_row(row: &PgRow) -> Result<MemoryItem, StoreError> {
@@ -196,6 +197,7 @@ impl PgStore {
             space,
             vector: config.vector.clone(),
             max_connections: db.max_connections,
+            retry_backoff: Duration::from_millis(config.pipeline.retry_backoff_ms),
         })
     }
 
@@ -530,7 +532,7 @@ impl MemoryStore for PgStore {
     async fn retry_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
         sqlx::query(
             "UPDATE memorize_tasks SET status = 'PENDING', attempts = 0, error = NULL, \
-             completed_at = NULL, lease_until = NULL, worker_id = NULL \
+             completed_at = NULL, lease_until = NULL, worker_id = NULL, not_before = NULL \
              WHERE id = $1 AND status = 'FAILED' RETURNING *",
         )
         .bind(task_id)
@@ -566,9 +568,11 @@ impl MemoryStore for PgStore {
         let row = sqlx::query(
             "WITH next AS ( \
                  SELECT t.user_id, t.id FROM memorize_tasks t \
-                 WHERE (t.status = 'PENDING' OR (t.status = 'PROCESSING' AND t.lease_until < now())) \
+                 WHERE ((t.status = 'PENDING' AND (t.not_before IS NULL OR t.not_before <= now())) \
+                        OR (t.status = 'PROCESSING' AND t.lease_until < now())) \
                    AND NOT EXISTS (SELECT 1 FROM memorize_tasks o WHERE o.user_id = t.user_id \
-                       AND o.id <> t.id AND o.status = 'PROCESSING' AND o.lease_until >= now()) \
+                       AND o.id <> t.id AND ((o.status = 'PROCESSING' AND o.lease_until >= now()) \
+                           OR (o.status = 'PENDING' AND o.created_at < t.created_at))) \
                  ORDER BY t.created_at LIMIT 1 FOR UPDATE SKIP LOCKED) \
              UPDATE memorize_tasks t SET status = 'PROCESSING', worker_id = $1, \
                  lease_until = now() + make_interval(secs => $2), attempts = t.attempts + 1, \
@@ -680,7 +684,8 @@ impl MemoryStore for PgStore {
     async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE memorize_tasks SET status = $1, error = $2, lease_until = NULL, worker_id = NULL, \
-             completed_at = CASE WHEN $3 THEN NULL ELSE now() END \
+             completed_at = CASE WHEN $3 THEN NULL ELSE now() END, \
+             not_before = CASE WHEN $3 THEN now() + make_interval(secs => $7) END \
              WHERE user_id = $4 AND id = $5 AND status = 'PROCESSING' AND attempts = $6",
         )
         .bind(if retry { "PENDING" } else { "FAILED" })
@@ -689,6 +694,7 @@ impl MemoryStore for PgStore {
         .bind(&task.user_id)
         .bind(task.id)
         .bind(task.attempts as i32)
+        .bind(super::retry_delay(self.retry_backoff, task.attempts).as_secs_f64())
         .execute(&self.primary)
         .await?;
         Ok(())

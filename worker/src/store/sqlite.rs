@@ -35,6 +35,7 @@ pub struct SqliteStore {
     space: EmbeddingSpace,
     max_connections: u32,
     index: UserIndexes,
+    retry_backoff: Duration,
 }
 
 fn micros(at: DateTime<Utc>) -> i64 {
@@ -170,6 +171,7 @@ impl SqliteStore {
             index: UserIndexes::new(space.dimension, CACHED_USERS),
             space,
             max_connections: config.database.max_connections,
+            retry_backoff: Duration::from_millis(config.pipeline.retry_backoff_ms),
         })
     }
 
@@ -461,7 +463,7 @@ impl MemoryStore for SqliteStore {
     async fn retry_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
         sqlx::query(
             "UPDATE memorize_tasks SET status = 'PENDING', attempts = 0, error = NULL, \
-             completed_at = NULL, lease_until = NULL, worker_id = NULL \
+             completed_at = NULL, lease_until = NULL, worker_id = NULL, not_before = NULL \
              WHERE id = ? AND status = 'FAILED' RETURNING *",
         )
         .bind(task_id.to_string())
@@ -499,9 +501,11 @@ impl MemoryStore for SqliteStore {
             "UPDATE memorize_tasks SET status = 'PROCESSING', worker_id = ?1, lease_until = ?2, \
                  attempts = attempts + 1, started_at = COALESCE(started_at, ?3) \
              WHERE id = (SELECT t.id FROM memorize_tasks t \
-                 WHERE (t.status = 'PENDING' OR (t.status = 'PROCESSING' AND t.lease_until < ?3)) \
+                 WHERE ((t.status = 'PENDING' AND (t.not_before IS NULL OR t.not_before <= ?3)) \
+                        OR (t.status = 'PROCESSING' AND t.lease_until < ?3)) \
                    AND NOT EXISTS (SELECT 1 FROM memorize_tasks o WHERE o.user_id = t.user_id \
-                       AND o.id <> t.id AND o.status = 'PROCESSING' AND o.lease_until >= ?3) \
+                       AND o.id <> t.id AND ((o.status = 'PROCESSING' AND o.lease_until >= ?3) \
+                           OR (o.status = 'PENDING' AND o.created_at < t.created_at))) \
                  ORDER BY t.created_at LIMIT 1) \
              RETURNING *",
         )
@@ -611,11 +615,12 @@ impl MemoryStore for SqliteStore {
         let now = micros(Utc::now());
         sqlx::query(
             "UPDATE memorize_tasks SET status = ?, error = ?, lease_until = NULL, worker_id = NULL, \
-             completed_at = ? WHERE id = ? AND status = 'PROCESSING' AND attempts = ?",
+             completed_at = ?, not_before = ? WHERE id = ? AND status = 'PROCESSING' AND attempts = ?",
         )
         .bind(if retry { "PENDING" } else { "FAILED" })
         .bind(error)
         .bind(if retry { None } else { Some(now) })
+        .bind(retry.then(|| now + super::retry_delay(self.retry_backoff, task.attempts).as_micros() as i64))
         .bind(task.id.to_string())
         .bind(task.attempts as i64)
         .execute(&self.pool)
