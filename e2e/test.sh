@@ -36,10 +36,13 @@ dsn=$(bash e2e/scripts/start-postgres.sh "$state/pg")
 log "starting the Kubernetes control plane"
 kubeconfig=$(bash e2e/k8s/start.sh "$state/k8s")
 
-log "generated CRD YAML is current"
+log "generated CRD and RBAC YAML are current"
 cargo run -q --locked -p memu-crds --bin crdgen > "$state/memucluster.yaml"
 diff -u crds/yaml/memucluster.yaml "$state/memucluster.yaml" \
   || { echo "crds/yaml/memucluster.yaml is stale: run cargo run -p memu-crds --bin crdgen > crds/yaml/memucluster.yaml" >&2; exit 1; }
+cargo run -q --locked -p memu-operator --bin rbacgen > "$state/operator-rbac.yaml"
+diff -u config/rbac/operator.yaml "$state/operator-rbac.yaml" \
+  || { echo "config/rbac/operator.yaml is stale: run cargo run -p memu-operator --bin rbacgen > config/rbac/operator.yaml" >&2; exit 1; }
 
 log "format and lints"
 cargo fmt --all -- --check

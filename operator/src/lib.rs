@@ -3,5 +3,6 @@
 pub mod citus;
 pub mod leader;
 pub mod metrics;
+pub mod rbac;
 pub mod reconcile;
 pub mod render;

@@ -106,10 +106,10 @@ impl Drop for Operator {
 
 /// An operator process that leads through a Lease in `ns` and reconciles only `ns`, so that
 /// tests running side by side never reconcile each other's objects.
-fn start_operator(ns: &str, identity: &str, port: u16) -> Operator {
+fn start_operator(kubeconfig: &str, ns: &str, identity: &str, port: u16) -> Operator {
     Operator(
         Command::new(env!("CARGO_BIN_EXE_memu-operator"))
-            .env("KUBECONFIG", kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .args([
                 "--lease-namespace",
@@ -136,6 +136,74 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A kubeconfig for a ServiceAccount of `ns` bound to exactly the generated ClusterRole
+/// (`memu_operator::rbac`): the operator runs with the permissions an install grants it, so a
+/// permission the code needs but the role lacks fails the test.
+async fn operator_kubeconfig(client: &Client, ns: &str, dir: &std::path::Path) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let ssa = PatchParams::apply("memu-e2e").force();
+    let role = memu_operator::rbac::cluster_role();
+    Api::<ClusterRole>::all(client.clone())
+        .patch(memu_operator::rbac::ROLE_NAME, &ssa, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "memu-operator"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": format!("memu-operator-{ns}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": memu_operator::rbac::ROLE_NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": "memu-operator", "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .patch(
+            &format!("memu-operator-{ns}"),
+            &ssa,
+            &Patch::Apply(&binding),
+        )
+        .await
+        .unwrap();
+    let token = accounts
+        .create_token_request(
+            "memu-operator",
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let admin: Value =
+        serde_norway::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
+    let cluster = admin["clusters"][0].clone();
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "memu-operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": "memu-operator"}}],
+        "current-context": "operator",
+    });
+    let path = dir.join(format!("{ns}.kubeconfig"));
+    std::fs::write(&path, serde_norway::to_string(&config).unwrap()).unwrap();
+    path.display().to_string()
 }
 
 async fn create_namespace(client: &Client, ns: &str) -> Api<Namespace> {
@@ -169,13 +237,15 @@ async fn failover_managed_citus_and_delete_policy() {
         Api::namespaced(client.clone(), &ns);
     let ssa = PatchParams::apply("memu-e2e").force();
 
-    let leader = start_operator(&ns, "op-a", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = operator_kubeconfig(&client, &ns, dir.path()).await;
+    let leader = start_operator(&kubeconfig, &ns, "op-a", free_port());
     eventually("op-a leads", || async {
         lease_holder(leases.get_opt("memu-operator").await.ok().flatten()).as_deref()
             == Some("op-a")
     })
     .await;
-    let standby = start_operator(&ns, "op-b", free_port());
+    let standby = start_operator(&kubeconfig, &ns, "op-b", free_port());
 
     // A managed Citus cluster with three workers, and a medium cluster with deletionPolicy Delete.
     let mut citus = sample("large");
@@ -420,8 +490,10 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
                  "claimRef": {"namespace": ns, "name": "data-memu-small-worker-0"}},
     })).unwrap()).await.unwrap();
 
-    let _leader = start_operator(&ns, "op-a", free_port());
-    let _standby = start_operator(&ns, "op-b", free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = operator_kubeconfig(&client, &ns, dir.path()).await;
+    let _leader = start_operator(&kubeconfig, &ns, "op-a", free_port());
+    let _standby = start_operator(&kubeconfig, &ns, "op-b", free_port());
     let ssa = PatchParams::apply("memu-e2e").force();
     for name in ["small", "medium", "large"] {
         let mut object = sample(name);
