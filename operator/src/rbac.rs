@@ -30,7 +30,11 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     // The Citus credentials are created once and read for the membership check; nothing else.
     ("", &["secrets"], &["get", "create"]),
     // The Delete policy removes the data volume claims.
-    ("", &["persistentvolumeclaims"], &["get", "list", "delete", "deletecollection"]),
+    (
+        "",
+        &["persistentvolumeclaims"],
+        &["get", "list", "delete", "deletecollection"],
+    ),
     ("autoscaling", &["horizontalpodautoscalers"], MANAGE),
     ("policy", &["poddisruptionbudgets"], MANAGE),
     ("batch", &["jobs"], MANAGE),

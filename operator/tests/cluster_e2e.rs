@@ -646,6 +646,27 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
     })
     .await;
 
+    // New HPA bounds reach the HPA.
+    clusters
+        .patch(
+            "memu-medium",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"api": {"autoscaling": {"minReplicas": 3, "maxReplicas": 12}}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    eventually("the HPA takes the new bounds", || async {
+        Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns)
+            .get("memu-medium-api")
+            .await
+            .ok()
+            .and_then(|h| h.spec)
+            .is_some_and(|s| s.max_replicas == 12 && s.min_replicas == Some(3))
+    })
+    .await;
+
     // Switching from autoscaling to fixed replicas removes the HPA (orphan cleanup).
     clusters
         .patch(
