@@ -15,6 +15,9 @@ started=$(date +%s)
 log "PostgreSQL 15 + pgvector"
 bash e2e/scripts/install-postgres.sh
 
+log "Redis"
+bash e2e/scripts/install-redis.sh
+
 log "local embedding model"
 model_dir=$(bash scripts/install-model.sh)
 
@@ -28,11 +31,14 @@ fi
 
 cleanup() {
   bash e2e/scripts/stop-postgres.sh "$state/pg" || true
+  bash e2e/scripts/stop-redis.sh "$state/redis" || true
   bash e2e/k8s/stop.sh "$state/k8s" || true
 }
 trap cleanup EXIT
 log "starting PostgreSQL"
 dsn=$(bash e2e/scripts/start-postgres.sh "$state/pg")
+log "starting Redis"
+redis_url=$(bash e2e/scripts/start-redis.sh "$state/redis")
 log "starting the Kubernetes control plane"
 kubeconfig=$(bash e2e/k8s/start.sh "$state/k8s")
 
@@ -49,7 +55,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "tests"
-export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_MODEL_DIR="$model_dir" MEMU_TEST_KUBECONFIG="$kubeconfig"
+export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_REDIS_URL="$redis_url" MEMU_TEST_MODEL_DIR="$model_dir" MEMU_TEST_KUBECONFIG="$kubeconfig"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
 log "done in $(( $(date +%s) - started ))s"

@@ -27,7 +27,38 @@ pub struct WorkerConfig {
     pub providers: BTreeMap<String, ProviderProfile>,
     pub memory: MemoryConfig,
     pub pipeline: PipelineConfig,
+    pub cache: CacheConfig,
     pub logging: LoggingConfig,
+}
+
+/// Shared cache (Redis) for query embeddings and retrieve results. Without Redis, query
+/// embeddings are still cached per process; retrieve results only when
+/// `local_retrieve_ttl_secs` is set (safe when one process makes every write).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Environment variable holding the Redis URL (`redis://[:password@]host:port/db`).
+    pub redis_url_env: String,
+    /// File holding the Redis URL (a mounted Secret), read when the variable is unset.
+    pub redis_url_file: Option<PathBuf>,
+    /// How long a retrieve result is served from Redis (writes of the user invalidate it).
+    pub retrieve_ttl_secs: u64,
+    /// How long query embeddings stay in Redis.
+    pub embedding_ttl_secs: u64,
+    /// Retrieve results cached in process when there is no Redis (0 = off).
+    pub local_retrieve_ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            redis_url_env: "REDIS_URL".into(),
+            redis_url_file: None,
+            retrieve_ttl_secs: 60,
+            embedding_ttl_secs: 86_400,
+            local_retrieve_ttl_secs: 0,
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -50,6 +81,7 @@ impl Default for WorkerConfig {
             providers,
             memory: MemoryConfig::default(),
             pipeline: PipelineConfig::default(),
+            cache: CacheConfig::default(),
             logging: LoggingConfig::default(),
         }
     }

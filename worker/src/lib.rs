@@ -4,6 +4,7 @@
 //! jobs), `store` (SQLite or Postgres + pgvector) and `providers` (embeddings and LLMs).
 
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod llm;
 pub mod metrics;

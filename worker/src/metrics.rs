@@ -83,6 +83,7 @@ pub struct Metrics {
     pub embedding_texts: Family<ModelLabels, Counter>,
     pub embedding_tokens: Family<ModelLabels, Counter>,
     pub embedding_cache_hits: Counter,
+    pub retrieve_cache_hits: Counter,
     pub llm_requests: Family<ModelOutcomeLabels, Counter>,
     pub llm_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
     pub llm_tokens: Family<TokenLabels, Counter>,
@@ -116,6 +117,12 @@ impl Metrics {
         let embedding_texts = Family::<ModelLabels, Counter>::default();
         let embedding_tokens = Family::<ModelLabels, Counter>::default();
         let embedding_cache_hits = Counter::default();
+        let retrieve_cache_hits = Counter::default();
+        registry.register(
+            "memu_retrieve_cache_hits",
+            "Retrieve results served from the cache (Redis or in process)",
+            retrieve_cache_hits.clone(),
+        );
         let llm_requests = Family::<ModelOutcomeLabels, Counter>::default();
         let llm_duration: Family<ModelLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
@@ -237,6 +244,7 @@ impl Metrics {
             embedding_texts,
             embedding_tokens,
             embedding_cache_hits,
+            retrieve_cache_hits,
             llm_requests,
             llm_duration,
             llm_tokens,

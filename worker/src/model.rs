@@ -154,7 +154,7 @@ pub struct Task {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemoryItem {
     pub id: Uuid,
     pub user_id: String,
@@ -177,7 +177,7 @@ pub struct NewItem {
 
 /// A user's category. Categories are private to one user (and agent): memU shares them across
 /// users, which leaks one user's summaries into another's retrieve.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Category {
     pub id: Uuid,
     pub user_id: String,
@@ -242,7 +242,7 @@ impl ItemFilter {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScoredItem {
     pub item: MemoryItem,
     /// Cosine similarity to the query, in [-1, 1].

@@ -36,8 +36,18 @@ pub async fn build_service(
         store.migrate().await.context("database migration failed")?;
     }
     let llm = LlmModels::from_config(&config, metrics.clone())?;
+    let redis_url = crate::config::read_secret(
+        &config.cache.redis_url_env,
+        config.cache.redis_url_file.as_deref(),
+    )?;
+    let redis: Option<Arc<dyn crate::cache::Cache>> = match redis_url {
+        Some(url) => Some(Arc::new(crate::cache::RedisCache::connect(&url).await?)),
+        None => None,
+    };
     Ok(Arc::new(
-        MemoryService::new(config, store, embedder, metrics).with_llm(llm),
+        MemoryService::new(config, store, embedder, metrics)
+            .with_llm(llm)
+            .with_cache(redis),
     ))
 }
 

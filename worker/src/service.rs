@@ -2,7 +2,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use memu_crds::worker::WorkerConfig;
 
+use crate::cache::{Cache, MemoryCache, decode_vector, encode_vector, generation_key};
 use crate::metrics::{BackendLabels, Metrics};
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Message, Modality,
@@ -121,7 +122,7 @@ pub struct RetrieveInput {
     pub method: RetrieveMethod,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ScoredCategory {
     pub category: Category,
     pub score: f32,
@@ -154,6 +155,10 @@ pub struct MemoryService {
     /// Wakes this process's pipeline as soon as a job is enqueued.
     pub new_work: Arc<Notify>,
     query_cache: Mutex<lru::LruCache<String, Arc<Vec<f32>>>>,
+    /// Redis, shared by every replica: query embeddings and retrieve results.
+    shared_cache: Option<Arc<dyn Cache>>,
+    /// Where retrieve results are cached (Redis, or this process when allowed), with the TTL.
+    result_cache: Option<(Arc<dyn Cache>, Duration)>,
     category_spec_vectors: OnceCell<Vec<Vec<f32>>>,
 }
 
@@ -181,7 +186,35 @@ impl MemoryService {
             metrics,
             new_work: Arc::new(Notify::new()),
             query_cache: Mutex::new(lru::LruCache::new(cache)),
+            shared_cache: None,
+            result_cache: None,
             category_spec_vectors: OnceCell::new(),
+        }
+    }
+
+    /// Caches in Redis when given; else, when `cache.local_retrieve_ttl_secs` is set, retrieve
+    /// results in this process.
+    pub fn with_cache(mut self, redis: Option<Arc<dyn Cache>>) -> Self {
+        let config = &self.config.cache;
+        self.result_cache = match &redis {
+            Some(shared) => Some((
+                shared.clone(),
+                Duration::from_secs(config.retrieve_ttl_secs),
+            )),
+            None if config.local_retrieve_ttl_secs > 0 => Some((
+                Arc::new(MemoryCache::new(10_000)) as Arc<dyn Cache>,
+                Duration::from_secs(config.local_retrieve_ttl_secs),
+            )),
+            None => None,
+        };
+        self.shared_cache = redis;
+        self
+    }
+
+    /// Drops every cached retrieve result of the user (after any write of theirs).
+    pub async fn invalidate(&self, user_id: &str) {
+        if let Some((cache, _)) = &self.result_cache {
+            cache.bump(&generation_key(user_id)).await;
         }
     }
 
@@ -376,13 +409,35 @@ impl MemoryService {
             self.metrics.embedding_cache_hits.inc();
             return Ok(hit);
         }
-        let vector = Arc::new(
-            self.embedder
-                .embed(&[text.to_string()])
-                .await?
-                .pop()
-                .ok_or_else(|| ProviderError::Model("no embedding returned".into()))?,
+        let shared_key = format!(
+            "memu:emb:{}/{}:{}",
+            self.embedder.provider(),
+            self.embedder.model(),
+            hex::encode(Sha256::digest(text.as_bytes()))
         );
+        let shared = match &self.shared_cache {
+            Some(cache) => cache.get(&shared_key).await.and_then(|b| decode_vector(&b)),
+            None => None,
+        };
+        let vector = match shared {
+            Some(v) => {
+                self.metrics.embedding_cache_hits.inc();
+                Arc::new(v)
+            }
+            None => {
+                let v = self
+                    .embedder
+                    .embed(&[text.to_string()])
+                    .await?
+                    .pop()
+                    .ok_or_else(|| ProviderError::Model("no embedding returned".into()))?;
+                if let Some(cache) = &self.shared_cache {
+                    let ttl = Duration::from_secs(self.config.cache.embedding_ttl_secs);
+                    cache.set(&shared_key, &encode_vector(&v), ttl).await;
+                }
+                Arc::new(v)
+            }
+        };
         self.query_cache
             .lock()
             .expect("cache lock")
@@ -425,6 +480,41 @@ impl MemoryService {
         match input.method {
             RetrieveMethod::Llm => crate::retrieval::retrieve_llm(self, input).await,
             method => {
+                let key = match &self.result_cache {
+                    Some((cache, _)) => {
+                        let generation = cache.counter(&generation_key(&input.user_id)).await;
+                        let request = serde_json::json!([
+                            method == RetrieveMethod::Hybrid,
+                            input.agent_id,
+                            input.query,
+                            input.top_k,
+                            input.filter.memory_types,
+                            input.filter.since,
+                            input.filter.until,
+                        ]);
+                        Some(format!(
+                            "memu:ret:{}:{generation}:{}",
+                            input.user_id,
+                            content_hash(&request)
+                        ))
+                    }
+                    None => None,
+                };
+                if let (Some((cache, _)), Some(key)) = (&self.result_cache, &key)
+                    && let Some(hit) = cache.get(key).await
+                    && let Ok((categories, items, resources)) = serde_json::from_slice(&hit)
+                {
+                    self.metrics.retrieve_cache_hits.inc();
+                    return Ok(RetrieveOutput {
+                        query: input.query,
+                        needs_memory: true,
+                        sufficient_after: None,
+                        llm_calls: 0,
+                        categories,
+                        items,
+                        resources,
+                    });
+                }
                 let query = self.embed_query(&input.query).await?;
                 let items = self
                     .search(&input, &query, method == RetrieveMethod::Hybrid)
@@ -432,6 +522,11 @@ impl MemoryService {
                 let scope = Scope::new(&input.user_id, input.agent_id.clone());
                 let categories = self.rank_categories(&scope, &query).await?;
                 let resources = self.sources(&input.user_id, &items).await?;
+                if let (Some((cache, ttl)), Some(key)) = (&self.result_cache, &key)
+                    && let Ok(bytes) = serde_json::to_vec(&(&categories, &items, &resources))
+                {
+                    cache.set(key, &bytes, *ttl).await;
+                }
                 Ok(RetrieveOutput {
                     query: input.query,
                     needs_memory: true,
@@ -577,6 +672,7 @@ impl MemoryService {
             })
             .await?;
         self.metrics.memory_items_written.inc();
+        self.invalidate(&item.user_id).await;
         Ok(item)
     }
 
@@ -589,14 +685,18 @@ impl MemoryService {
         if let Some(summary) = &patch.summary {
             patch.embedding = Some(self.embed_one(summary).await?);
         }
-        self.store
+        let item = self
+            .store
             .update_item(user_id, id, &patch)
             .await?
-            .ok_or_else(|| ServiceError::NotFound(format!("memory item {id}")))
+            .ok_or_else(|| ServiceError::NotFound(format!("memory item {id}")))?;
+        self.invalidate(user_id).await;
+        Ok(item)
     }
 
     pub async fn delete_item(&self, user_id: &str, id: Uuid) -> Result<(), ServiceError> {
         if self.store.delete_item(user_id, id).await? {
+            self.invalidate(user_id).await;
             Ok(())
         } else {
             Err(ServiceError::NotFound(format!("memory item {id}")))
@@ -608,7 +708,9 @@ impl MemoryService {
         user_id: &str,
         agent_id: Option<&str>,
     ) -> Result<DeletedCounts, ServiceError> {
-        Ok(self.store.delete_user(user_id, agent_id).await?)
+        let deleted = self.store.delete_user(user_id, agent_id).await?;
+        self.invalidate(user_id).await;
+        Ok(deleted)
     }
 
     pub async fn export_user(&self, user_id: &str) -> Result<UserExport, ServiceError> {

@@ -117,6 +117,7 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
             let stored = service.store.complete_task(&task, outcome).await;
             if stored.is_ok() {
                 service.metrics.memory_items_written.inc_by(written);
+                service.invalidate(&task.user_id).await;
             }
             stored.map_err(ServiceError::from)
         }

@@ -1,0 +1,192 @@
+//! The cache layer: Redis when configured (shared by every replica), else one process's memory.
+//! A cache never fails a request: errors are logged and count as misses.
+//!
+//! Retrieve results are keyed by the user's *generation*, a counter every write of that user
+//! bumps, so a write invalidates all of the user's cached results at once, on every replica
+//! sharing the Redis.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+
+#[async_trait]
+pub trait Cache: Send + Sync {
+    /// `redis` or `memory`.
+    fn kind(&self) -> &'static str;
+    async fn get(&self, key: &str) -> Option<Vec<u8>>;
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration);
+    /// The current value of a counter (0 when never bumped).
+    async fn counter(&self, key: &str) -> u64;
+    async fn bump(&self, key: &str);
+}
+
+/// One process's cache: an LRU with expiry, and counters.
+pub struct MemoryCache {
+    entries: Mutex<lru::LruCache<String, (Instant, Vec<u8>)>>,
+    counters: Mutex<HashMap<String, u64>>,
+}
+
+impl MemoryCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(capacity.max(1)).expect("nonzero"),
+            )),
+            counters: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut entries = self.entries.lock().expect("cache lock");
+        match entries.get(key) {
+            Some((expires, value)) if *expires > Instant::now() => Some(value.clone()),
+            Some(_) => {
+                entries.pop(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) {
+        self.entries
+            .lock()
+            .expect("cache lock")
+            .put(key.to_string(), (Instant::now() + ttl, value.to_vec()));
+    }
+
+    async fn counter(&self, key: &str) -> u64 {
+        *self
+            .counters
+            .lock()
+            .expect("cache lock")
+            .get(key)
+            .unwrap_or(&0)
+    }
+
+    async fn bump(&self, key: &str) {
+        *self
+            .counters
+            .lock()
+            .expect("cache lock")
+            .entry(key.to_string())
+            .or_default() += 1;
+    }
+}
+
+/// Redis, through a connection manager that reconnects by itself.
+pub struct RedisCache {
+    connection: redis::aio::ConnectionManager,
+}
+
+impl RedisCache {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| anyhow::anyhow!("cache: the Redis URL is not valid: {e}"))?;
+        let connection = tokio::time::timeout(
+            Duration::from_secs(10),
+            redis::aio::ConnectionManager::new(client),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("cache: Redis did not answer within 10 s"))?
+        .map_err(|e| anyhow::anyhow!("cache: cannot connect to Redis: {e}"))?;
+        Ok(Self { connection })
+    }
+}
+
+fn warn(op: &str, e: redis::RedisError) {
+    tracing::warn!(op, error = %e, "Redis cache error (treated as a miss)");
+}
+
+#[async_trait]
+impl Cache for RedisCache {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut c = self.connection.clone();
+        c.get::<_, Option<Vec<u8>>>(key)
+            .await
+            .map_err(|e| warn("get", e))
+            .ok()
+            .flatten()
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) {
+        let mut c = self.connection.clone();
+        let _ = c
+            .set_ex::<_, _, ()>(key, value, ttl.as_secs().max(1))
+            .await
+            .map_err(|e| warn("set", e));
+    }
+
+    async fn counter(&self, key: &str) -> u64 {
+        let mut c = self.connection.clone();
+        c.get::<_, Option<u64>>(key)
+            .await
+            .map_err(|e| warn("counter", e))
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
+    async fn bump(&self, key: &str) {
+        let mut c = self.connection.clone();
+        let _ = c
+            .incr::<_, _, u64>(key, 1)
+            .await
+            .map_err(|e| warn("bump", e));
+    }
+}
+
+/// Key of a user's generation counter.
+pub fn generation_key(user_id: &str) -> String {
+    format!("memu:gen:{user_id}")
+}
+
+/// f32 vectors as little-endian bytes, for the embedding cache.
+pub fn encode_vector(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn decode_vector(bytes: &[u8]) -> Option<Vec<f32>> {
+    bytes.len().is_multiple_of(4).then(|| {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_cache_expires_and_counts() {
+        let cache = MemoryCache::new(8);
+        cache.set("a", b"1", Duration::from_secs(60)).await;
+        assert_eq!(cache.get("a").await.as_deref(), Some(&b"1"[..]));
+        cache.set("b", b"2", Duration::ZERO).await;
+        assert_eq!(cache.get("b").await, None);
+        assert_eq!(cache.counter("g").await, 0);
+        cache.bump("g").await;
+        cache.bump("g").await;
+        assert_eq!(cache.counter("g").await, 2);
+        let v = vec![0.5f32, -1.25, 3.0];
+        assert_eq!(decode_vector(&encode_vector(&v)).unwrap(), v);
+        assert!(decode_vector(&[1, 2, 3]).is_none());
+    }
+}
