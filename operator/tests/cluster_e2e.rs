@@ -106,7 +106,10 @@ impl Drop for Operator {
 
 /// An operator process that leads through a Lease in `ns` and reconciles only `ns`, so that
 /// tests running side by side never reconcile each other's objects.
-fn start_operator(kubeconfig: &str, ns: &str, identity: &str, port: u16) -> Operator {
+/// `lease` is the Lease duration in seconds: short where a test waits for a takeover, longer
+/// elsewhere so a loaded CI machine never makes both replicas give up.
+fn start_operator(kubeconfig: &str, ns: &str, identity: &str, lease: &str) -> Operator {
+    let port = free_port();
     Operator(
         Command::new(env!("CARGO_BIN_EXE_memu-operator"))
             .env("KUBECONFIG", kubeconfig)
@@ -117,14 +120,18 @@ fn start_operator(kubeconfig: &str, ns: &str, identity: &str, port: u16) -> Oper
                 "--watch-namespace",
                 ns,
                 "--lease-seconds",
-                "4",
+                lease,
                 "--identity",
                 identity,
                 "--metrics-addr",
                 &format!("127.0.0.1:{port}"),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(format!("/tmp/memu-e2e-{ns}-{identity}.log"))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
             .spawn()
             .unwrap(),
     )
@@ -239,18 +246,21 @@ async fn failover_managed_citus_and_delete_policy() {
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = operator_kubeconfig(&client, &ns, dir.path()).await;
-    let leader = start_operator(&kubeconfig, &ns, "op-a", free_port());
+    let leader = start_operator(&kubeconfig, &ns, "op-a", "4");
     eventually("op-a leads", || async {
         lease_holder(leases.get_opt("memu-operator").await.ok().flatten()).as_deref()
             == Some("op-a")
     })
     .await;
-    let standby = start_operator(&kubeconfig, &ns, "op-b", free_port());
+    let standby = start_operator(&kubeconfig, &ns, "op-b", "4");
 
     // A managed Citus cluster with three workers, and a medium cluster with deletionPolicy Delete.
     let mut citus = sample("large");
     citus["metadata"] = json!({"name": "memu-citus", "namespace": ns});
     citus["spec"]["database"] = json!({"topology": "citus", "managed": {"shards": 3}});
+    // One replica each: the fake nodes' capacity is shared with the test running beside this one.
+    citus["spec"]["api"] = json!({"replicas": 1});
+    citus["spec"]["pipeline"] = json!({"replicas": 1});
     let mut doomed = sample("medium");
     doomed["metadata"] = json!({"name": "memu-doomed", "namespace": ns});
     doomed["spec"]["deletionPolicy"] = json!("Delete");
@@ -492,8 +502,8 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = operator_kubeconfig(&client, &ns, dir.path()).await;
-    let _leader = start_operator(&kubeconfig, &ns, "op-a", free_port());
-    let _standby = start_operator(&kubeconfig, &ns, "op-b", free_port());
+    let _leader = start_operator(&kubeconfig, &ns, "op-a", "15");
+    let _standby = start_operator(&kubeconfig, &ns, "op-b", "15");
     let ssa = PatchParams::apply("memu-e2e").force();
     for name in ["small", "medium", "large"] {
         let mut object = sample(name);
