@@ -51,12 +51,7 @@ async fn replicas_share_the_cache_and_writes_invalidate_it() {
     let (_, from_b) = b.post("/api/v3/memory/retrieve", query.clone()).await;
     assert_eq!(from_b["items"], first["items"]);
     assert_eq!(stub.count(Endpoint::Embeddings), embeds);
-    let metrics_b = reqwest::get(b.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics_b = b.metrics().await;
     assert_eq!(
         hits(&metrics_b, "memu_retrieve_cache_hits_total"),
         1,
@@ -119,12 +114,7 @@ async fn the_local_result_cache_is_invalidated_by_writes() {
     assert_eq!(response.status().as_u16(), 204);
     let (_, after) = server.post("/api/v3/memory/retrieve", query).await;
     assert!(after["items"].as_array().unwrap().is_empty(), "{after}");
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert_eq!(hits(&metrics, "memu_retrieve_cache_hits_total"), 1);
     server.stop().await.unwrap();
 }

@@ -44,6 +44,17 @@ fn spawn_worker(dsn: &str, stub: &OpenAiStub) -> Child {
         .expect("start memu-worker")
 }
 
+/// The stub with 30 ms per reply, so that kills land while jobs are in flight.
+async fn slow_stub() -> OpenAiStub {
+    OpenAiStub::start(StubOptions {
+        dimension: common::STUB_DIM,
+        latency: Duration::from_millis(30),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// A small deterministic generator (the test must not depend on a seed it cannot print).
 struct Lcg(u64);
 
@@ -59,13 +70,7 @@ impl Lcg {
 
 #[tokio::test]
 async fn killed_workers_lose_and_duplicate_nothing() {
-    let stub = OpenAiStub::start(StubOptions {
-        dimension: common::STUB_DIM,
-        latency: Duration::from_millis(30),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let stub = slow_stub().await;
     let mut config = common::stub_config(&stub);
     config.role = memu_crds::worker::Role::Api;
     let (config, db) = common::with_backend(config, true).await;
@@ -190,13 +195,7 @@ async fn a_postgres_restart_mid_run_loses_nothing() {
     };
     let data = dir.path().join("pg");
     let dsn = start(&data);
-    let stub = OpenAiStub::start(StubOptions {
-        dimension: common::STUB_DIM,
-        latency: Duration::from_millis(30),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let stub = slow_stub().await;
     let mut config = common::stub_config(&stub);
     config.role = memu_crds::worker::Role::Api;
     config.database.backend = memu_crds::worker::DatabaseBackend::Postgres;

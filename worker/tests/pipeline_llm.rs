@@ -214,12 +214,7 @@ async fn every_memory_type_in_one_call(postgres: bool) {
         "{usage}"
     );
     assert_eq!(usage["breakdown"][0]["operation"], "memorize");
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains(
             r#"memu_llm_prompt_calls_total{provider="stub",model="stub-chat",prompt="extract"} 1"#

@@ -89,12 +89,7 @@ async fn idempotency_retry_and_queue_metrics(postgres: bool) {
         .await;
     assert_eq!(status, 404);
 
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains(r#"memu_queue_depth{status="PENDING"} 0"#),
         "{metrics}"
@@ -136,12 +131,7 @@ async fn pending_work_shows_on_metrics() {
     let stats = server.service.store.queue_stats().await.unwrap();
     assert_eq!((stats.pending, stats.processing), (3, 0));
     assert!(stats.oldest_pending_seconds >= 0.0);
-    let metrics = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains(r#"memu_queue_depth{status="PENDING"} 3"#),
         "{metrics}"

@@ -168,6 +168,18 @@ impl TestServer {
         )
     }
 
+    /// The OpenMetrics text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Polls a task until it leaves PENDING/PROCESSING (bounded number of polls).
     pub async fn wait_task(&self, task_id: &str) -> serde_json::Value {
         for _ in 0..600 {
