@@ -297,6 +297,17 @@ pub struct MemUClusterSpec {
     /// Stop reconciling: children are left exactly as they are.
     #[serde(default)]
     pub paused: bool,
+    /// Shared cache of the workers (large tier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+}
+
+/// Redis shared by every worker: query embeddings and retrieve results, invalidated per user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Secret key holding the Redis URL (`redis://[:password@]host:port/db`).
+    pub redis_url_secret: SecretKeyRef,
 }
 
 /// Observed state, kstatus-compatible (Argo CD and Flux read `Ready`/`Reconciling`/`Stalled`).

@@ -618,6 +618,10 @@ fn worker_env(cluster: &MemUCluster) -> Vec<EnvVar> {
             }
         }
     }
+    if let Some(cache) = &spec.cache {
+        // The worker reads REDIS_URL (cache.redis_url_env); the URL may carry a password.
+        env.push(secret_env("REDIS_URL", &cache.redis_url_secret, false));
+    }
     for (role, provider) in [
         ("embedding", &spec.llm.embedding),
         ("extraction", &spec.llm.extraction),

@@ -435,3 +435,43 @@ fn with_keda_the_pipeline_scales_on_the_queue_and_the_api_on_cpu() {
     assert_eq!(plain.hpas.len(), 2);
     assert!(plain.dynamic.iter().all(|(ar, _)| ar.group != "keda.sh"));
 }
+
+#[test]
+fn a_redis_secret_reaches_every_worker_as_redis_url() {
+    // The large sample names its Redis Secret.
+    let mut large = sample("large");
+    let d = desired(&large, ALL).unwrap();
+    for deployment in &d.deployments {
+        let env = deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let redis = env.iter().find(|e| e.name == "REDIS_URL").unwrap();
+        assert!(redis.value.is_none(), "never in clear");
+        let secret = redis
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("memu-redis", "url")
+        );
+    }
+    large.spec.cache = None;
+    assert!(
+        env_of(&desired(&large, ALL).unwrap())
+            .iter()
+            .all(|e| e.name != "REDIS_URL")
+    );
+}
