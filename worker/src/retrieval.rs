@@ -100,15 +100,7 @@ async fn llm_flow(
                 "method `llm` needs an LLM provider (set llm.provider); this worker runs offline, use `rag`",
             )
         })?;
-    let mut out = RetrieveOutput {
-        query: input.query.clone(),
-        needs_memory: true,
-        sufficient_after: None,
-        llm_calls: 0,
-        categories: Vec::new(),
-        items: Vec::new(),
-        resources: Vec::new(),
-    };
+    let mut out = RetrieveOutput::searched(input.query.clone(), Vec::new(), Vec::new(), Vec::new());
     let route: Route = session
         .ask(chat.as_ref(), &prompts::route(&input.context, &input.query))
         .await?;

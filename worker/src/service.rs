@@ -143,6 +143,26 @@ pub struct RetrieveOutput {
     pub resources: Vec<Resource>,
 }
 
+impl RetrieveOutput {
+    /// An answer found by search alone (`rag`, `hybrid`): no LLM was asked.
+    pub fn searched(
+        query: String,
+        categories: Vec<ScoredCategory>,
+        items: Vec<ScoredItem>,
+        resources: Vec<Resource>,
+    ) -> Self {
+        Self {
+            query,
+            needs_memory: true,
+            sufficient_after: None,
+            llm_calls: 0,
+            categories,
+            items,
+            resources,
+        }
+    }
+}
+
 /// Categories shown by retrieve at most.
 const RETRIEVE_CATEGORIES: usize = 3;
 
@@ -477,67 +497,65 @@ impl MemoryService {
     }
 
     pub async fn retrieve(&self, input: RetrieveInput) -> Result<RetrieveOutput, ServiceError> {
-        match input.method {
-            RetrieveMethod::Llm => crate::retrieval::retrieve_llm(self, input).await,
-            method => {
-                let key = match &self.result_cache {
-                    Some((cache, _)) => {
-                        let generation = cache.counter(&generation_key(&input.user_id)).await;
-                        let request = serde_json::json!([
-                            method == RetrieveMethod::Hybrid,
-                            input.agent_id,
-                            input.query,
-                            input.top_k,
-                            input.filter.memory_types,
-                            input.filter.since,
-                            input.filter.until,
-                        ]);
-                        Some(format!(
-                            "memu:ret:{}:{generation}:{}",
-                            input.user_id,
-                            content_hash(&request)
-                        ))
-                    }
-                    None => None,
-                };
-                if let (Some((cache, _)), Some(key)) = (&self.result_cache, &key)
-                    && let Some(hit) = cache.get(key).await
-                    && let Ok((categories, items, resources)) = serde_json::from_slice(&hit)
-                {
-                    self.metrics.retrieve_cache_hits.inc();
-                    return Ok(RetrieveOutput {
-                        query: input.query,
-                        needs_memory: true,
-                        sufficient_after: None,
-                        llm_calls: 0,
-                        categories,
-                        items,
-                        resources,
-                    });
-                }
-                let query = self.embed_query(&input.query).await?;
-                let items = self
-                    .search(&input, &query, method == RetrieveMethod::Hybrid)
-                    .await?;
-                let scope = Scope::new(&input.user_id, input.agent_id.clone());
-                let categories = self.rank_categories(&scope, &query).await?;
-                let resources = self.sources(&input.user_id, &items).await?;
-                if let (Some((cache, ttl)), Some(key)) = (&self.result_cache, &key)
-                    && let Ok(bytes) = serde_json::to_vec(&(&categories, &items, &resources))
-                {
-                    cache.set(key, &bytes, *ttl).await;
-                }
-                Ok(RetrieveOutput {
-                    query: input.query,
-                    needs_memory: true,
-                    sufficient_after: None,
-                    llm_calls: 0,
-                    categories,
-                    items,
-                    resources,
-                })
-            }
+        if input.method == RetrieveMethod::Llm {
+            return crate::retrieval::retrieve_llm(self, input).await;
         }
+        let cached = self.result_cache_key(&input).await;
+        if let Some((cache, _, key)) = &cached
+            && let Some(hit) = cache.get(key).await
+            && let Ok((categories, items, resources)) = serde_json::from_slice(&hit)
+        {
+            self.metrics.retrieve_cache_hits.inc();
+            return Ok(RetrieveOutput::searched(
+                input.query,
+                categories,
+                items,
+                resources,
+            ));
+        }
+        let query = self.embed_query(&input.query).await?;
+        let items = self
+            .search(&input, &query, input.method == RetrieveMethod::Hybrid)
+            .await?;
+        let scope = Scope::new(&input.user_id, input.agent_id.clone());
+        let categories = self.rank_categories(&scope, &query).await?;
+        let resources = self.sources(&input.user_id, &items).await?;
+        if let Some((cache, ttl, key)) = &cached
+            && let Ok(bytes) = serde_json::to_vec(&(&categories, &items, &resources))
+        {
+            cache.set(key, &bytes, *ttl).await;
+        }
+        Ok(RetrieveOutput::searched(
+            input.query,
+            categories,
+            items,
+            resources,
+        ))
+    }
+
+    /// Where a `rag`/`hybrid` answer is cached: the cache, its TTL and a key under the user's
+    /// current generation (so any write of the user retires it).
+    async fn result_cache_key(
+        &self,
+        input: &RetrieveInput,
+    ) -> Option<(&Arc<dyn Cache>, Duration, String)> {
+        let (cache, ttl) = self.result_cache.as_ref()?;
+        let generation = cache.counter(&generation_key(&input.user_id)).await;
+        let request = serde_json::json!([
+            input.method == RetrieveMethod::Hybrid,
+            input.agent_id,
+            input.query,
+            input.top_k,
+            input.filter.memory_types,
+            input.filter.since,
+            input.filter.until,
+        ]);
+        let key = format!(
+            "memu:ret:{}:{generation}:{}",
+            input.user_id,
+            content_hash(&request)
+        );
+        Some((cache, *ttl, key))
     }
 
     /// The top items for a query vector; with `hybrid`, fused with the full-text ranking.

@@ -20,8 +20,8 @@ use uuid::Uuid;
 
 use crate::llm::LlmSession;
 use crate::model::{
-    Category, CategoryLink, CategoryUpdate, ItemFilter, MemorizeOutcome, MemoryItem, MemoryType,
-    Message, Modality, NewItem, Resource, Scope, Task,
+    Category, CategoryLink, ItemFilter, MemorizeOutcome, MemoryItem, MemoryType, Message, Modality,
+    NewItem, Resource, Scope, Task,
 };
 use crate::pipeline::{assign_categories, category_anchors, offline};
 use crate::prompts::{self, PROMPT_VERSION};
@@ -230,7 +230,7 @@ pub async fn memorize(
     let texts: Vec<String> = fresh.iter().map(|d| d.1.clone()).collect();
     let vectors = service.embedder.embed(&texts).await?;
     let now = Utc::now();
-    let mut items: Vec<NewItem> = fresh
+    let items: Vec<NewItem> = fresh
         .into_iter()
         .zip(vectors)
         .map(
@@ -369,11 +369,12 @@ pub async fn memorize(
             );
         }
     }
-    let mut index = 0;
-    items.retain(|_| {
-        index += 1;
-        !dropped.contains(&(index - 1))
-    });
+    let items: Vec<NewItem> = items
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !dropped.contains(i))
+        .map(|(_, n)| n)
+        .collect();
 
     // 4. File the items into the user's own categories and rewrite the touched summaries.
     let categories = service.ensure_categories(&scope).await?;
@@ -449,7 +450,6 @@ pub async fn memorize(
         .map(|n| n.item.summary.clone())
         .collect();
     let summary_texts = super::summary_texts(&categories, &new_summaries);
-    let revised_count = texts.len();
     texts.extend(summary_texts);
     let mut vectors = service.embedder.embed(&texts).await?.into_iter();
     for revision in revisions.values_mut() {
@@ -457,16 +457,7 @@ pub async fn memorize(
             revision.embedding = vectors.next().expect("one vector per text");
         }
     }
-    debug_assert_eq!(texts.len() - revised_count, new_summaries.len());
-    let category_updates = new_summaries
-        .into_iter()
-        .zip(vectors)
-        .map(|((category_id, summary), embedding)| CategoryUpdate {
-            category_id,
-            summary,
-            embedding,
-        })
-        .collect();
+    let category_updates = super::category_updates(new_summaries, vectors);
 
     Ok(MemorizeOutcome {
         items,

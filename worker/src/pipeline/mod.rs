@@ -292,15 +292,7 @@ pub async fn memorize_offline(
     }
     let summary_texts = summary_texts(&categories, &summaries);
     let summary_vectors = service.embedder.embed(&summary_texts).await?;
-    let category_updates = summaries
-        .into_iter()
-        .zip(summary_vectors)
-        .map(|((category_id, summary), embedding)| CategoryUpdate {
-            category_id,
-            summary,
-            embedding,
-        })
-        .collect();
+    let category_updates = category_updates(summaries, summary_vectors);
 
     Ok(MemorizeOutcome {
         items,
@@ -330,6 +322,22 @@ pub fn summary_texts(categories: &[Category], summaries: &[(Uuid, String)]) -> V
                 c.description,
                 summary
             )
+        })
+        .collect()
+}
+
+/// Rewritten summaries with their embeddings, in order.
+pub fn category_updates(
+    summaries: Vec<(Uuid, String)>,
+    vectors: impl IntoIterator<Item = Vec<f32>>,
+) -> Vec<CategoryUpdate> {
+    summaries
+        .into_iter()
+        .zip(vectors)
+        .map(|((category_id, summary), embedding)| CategoryUpdate {
+            category_id,
+            summary,
+            embedding,
         })
         .collect()
 }
