@@ -28,7 +28,54 @@ pub struct WorkerConfig {
     pub memory: MemoryConfig,
     pub pipeline: PipelineConfig,
     pub cache: CacheConfig,
+    pub auth: AuthConfig,
     pub logging: LoggingConfig,
+}
+
+/// How callers authenticate: `api_keys` (every API route needs `Authorization: Bearer`), or
+/// `disabled` (every request acts as tenant `default` with all scopes; refused unless the API
+/// listens on loopback only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    #[default]
+    ApiKeys,
+    Disabled,
+}
+
+/// API keys, and the limits that apply to tenants without their own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Environment variable holding an admin key (tenant `system`) that the worker installs on
+    /// start; the operator fills it from the cluster's admin-key Secret.
+    pub bootstrap_admin_key_env: String,
+    /// File holding the bootstrap admin key, read when the variable is unset.
+    pub bootstrap_admin_key_file: Option<PathBuf>,
+    /// How long a verified key (and its tenant's limits) is trusted without a database read;
+    /// a key revoked on another replica stops working within this time.
+    pub key_cache_secs: u64,
+    /// Requests per second per tenant (token bucket, burst of 2 s); 0 = unlimited.
+    pub default_rate_limit_rps: f64,
+    /// Memorize jobs per tenant per UTC day; 0 = unlimited.
+    pub default_memorize_per_day: u64,
+    /// LLM tokens per tenant per UTC day; 0 = unlimited.
+    pub default_tokens_per_day: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::ApiKeys,
+            bootstrap_admin_key_env: "MEMU_BOOTSTRAP_ADMIN_KEY".into(),
+            bootstrap_admin_key_file: None,
+            key_cache_secs: 5,
+            default_rate_limit_rps: 0.0,
+            default_memorize_per_day: 0,
+            default_tokens_per_day: 0,
+        }
+    }
 }
 
 /// Shared cache (Redis) for query embeddings and retrieve results. Without Redis, query
@@ -82,6 +129,7 @@ impl Default for WorkerConfig {
             memory: MemoryConfig::default(),
             pipeline: PipelineConfig::default(),
             cache: CacheConfig::default(),
+            auth: AuthConfig::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -175,6 +223,15 @@ pub struct DatabaseConfig {
     pub acquire_timeout_secs: u64,
     /// Apply migrations when `serve` starts. The operator turns it off and runs a migrations Job.
     pub auto_migrate: bool,
+    /// Environment variable holding the DSN of the schema owner, used by migrations and the
+    /// admin CLI; the primary DSN when unset. Serving as a role that does not own the tables
+    /// is what makes Postgres row-level security bind the worker.
+    pub migrate_url_env: String,
+    /// File holding the owner DSN (a mounted Secret), read when the variable is unset.
+    pub migrate_url_file: Option<PathBuf>,
+    /// Role the worker serves as: `migrate` grants it exactly what the worker needs (no DDL, no
+    /// deletes on the audit log). The role itself is created by the database administrator.
+    pub app_role: Option<String>,
 }
 
 impl Default for DatabaseConfig {
@@ -190,6 +247,9 @@ impl Default for DatabaseConfig {
             min_connections: 1,
             acquire_timeout_secs: 10,
             auto_migrate: true,
+            migrate_url_env: "DATABASE_MIGRATE_URL".into(),
+            migrate_url_file: None,
+            app_role: None,
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct EvalOptions {
     /// OpenAI-compatible base URL of the answer and judge models (`.../v1`).
     pub llm_url: String,
     pub api_key: Option<String>,
+    /// API key of the worker (sent to the worker only, never to the LLM).
+    pub worker_key: Option<String>,
     pub answer_model: String,
     pub judge_model: String,
     pub top_k: usize,
@@ -188,9 +190,15 @@ struct Clients {
 }
 
 impl Clients {
-    async fn post(&self, url: &str, body: &Value, bearer: bool) -> anyhow::Result<Value> {
+    /// `llm`: the request goes to the answer/judge models, else to the worker; each gets its
+    /// own key.
+    async fn post(&self, url: &str, body: &Value, llm: bool) -> anyhow::Result<Value> {
+        let key = match llm {
+            true => &self.options.api_key,
+            false => &self.options.worker_key,
+        };
         let mut request = self.http.post(url).json(body);
-        if bearer && let Some(key) = &self.options.api_key {
+        if let Some(key) = key {
             request = request.bearer_auth(key);
         }
         let response = request
@@ -268,7 +276,11 @@ impl Clients {
             );
             let mut done = false;
             for _ in 0..self.options.max_polls {
-                let status: Value = self.http.get(&url).send().await?.json().await?;
+                let mut request = self.http.get(&url);
+                if let Some(key) = &self.options.worker_key {
+                    request = request.bearer_auth(key);
+                }
+                let status: Value = request.send().await?.json().await?;
                 match status["status"].as_str() {
                     Some("SUCCESS") => {
                         done = true;

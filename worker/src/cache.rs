@@ -152,8 +152,9 @@ impl Cache for RedisCache {
 }
 
 /// Key of a user's generation counter.
-pub fn generation_key(user_id: &str) -> String {
-    format!("memu:gen:{user_id}")
+pub fn generation_key(user: crate::model::UserRef<'_>) -> String {
+    // Tenant ids cannot contain ':' so the key is unambiguous.
+    format!("memu:gen:{}:{}", user.tenant_id, user.user_id)
 }
 
 /// f32 vectors as little-endian bytes, for the embedding cache.

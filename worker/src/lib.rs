@@ -3,6 +3,8 @@
 //! Layers, outermost first: `api` (HTTP), `service` (memory operations), `pipeline` (memorize
 //! jobs), `store` (SQLite or Postgres + pgvector) and `providers` (embeddings and LLMs).
 
+pub mod access;
+pub mod admin_cli;
 pub mod api;
 pub mod cache;
 pub mod config;
@@ -16,3 +18,4 @@ pub mod retrieval;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tenancy;

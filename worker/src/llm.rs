@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use memu_crds::worker::ModelPrice;
 
-use crate::metrics::{Metrics, ModelLabels, PromptLabels};
-use crate::model::LlmUsage;
+use crate::metrics::{Metrics, PromptLabels, TenantModelLabels};
+use crate::model::{LlmUsage, UserRef};
 use crate::prompts::{self, Prompt};
 use crate::providers::{ChatMessage, ChatModel, ChatRequest, ChatResponse, ResponseFormat};
 use crate::service::ServiceError;
@@ -21,6 +21,7 @@ use crate::service::ServiceError;
 pub struct LlmSession<'a> {
     metrics: &'a Metrics,
     prices: &'a BTreeMap<String, ModelPrice>,
+    tenant_id: String,
     user_id: String,
     task_id: Option<Uuid>,
     operation: &'static str,
@@ -31,14 +32,15 @@ impl<'a> LlmSession<'a> {
     pub fn new(
         metrics: &'a Metrics,
         prices: &'a BTreeMap<String, ModelPrice>,
-        user_id: &str,
+        user: UserRef<'_>,
         task_id: Option<Uuid>,
         operation: &'static str,
     ) -> Self {
         Self {
             metrics,
             prices,
-            user_id: user_id.to_string(),
+            tenant_id: user.tenant_id.to_string(),
+            user_id: user.user_id.to_string(),
             task_id,
             operation,
             calls: Vec::new(),
@@ -123,13 +125,15 @@ impl<'a> LlmSession<'a> {
             .inc();
         self.metrics
             .llm_cost
-            .get_or_create(&ModelLabels {
+            .get_or_create(&TenantModelLabels {
+                tenant: self.tenant_id.clone(),
                 provider: chat.provider().to_string(),
                 model: chat.model().to_string(),
             })
             .inc_by(cost);
         self.calls.push(LlmUsage {
             id: Uuid::now_v7(),
+            tenant_id: self.tenant_id.clone(),
             user_id: self.user_id.clone(),
             task_id: self.task_id,
             operation: self.operation.to_string(),

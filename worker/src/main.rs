@@ -37,6 +37,9 @@ enum Command {
     Config,
     /// Print the OpenAPI document as JSON.
     Openapi,
+    /// Manage tenants and API keys, read the audit log and costs (on the configured database).
+    #[command(subcommand)]
+    Admin(memu_worker::admin_cli::AdminCommand),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -101,10 +104,16 @@ async fn run() -> anyhow::Result<()> {
                 tracing::info!(?tables, "tables distributed by user_id");
             }
         }
+        Command::Admin(command) => {
+            let migrate = cfg.database.auto_migrate;
+            let service = server::build_service(cfg, migrate).await?;
+            memu_worker::admin_cli::run(&service, command).await?;
+        }
         Command::Serve { role } => {
             if let Some(role) = role {
                 cfg.role = role.into();
             }
+            server::check_auth_exposure(&cfg)?;
             let listener = TcpListener::bind(&cfg.server.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;

@@ -21,6 +21,14 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// Cost per tenant: tenants are few (platform-managed), so the label stays bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantModelLabels {
+    pub tenant: String,
+    pub provider: String,
+    pub model: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub provider: String,
@@ -84,11 +92,15 @@ pub struct Metrics {
     pub embedding_tokens: Family<ModelLabels, Counter>,
     pub embedding_cache_hits: Counter,
     pub retrieve_cache_hits: Counter,
+    /// Requests refused for a missing, malformed, unknown, revoked or expired key.
+    pub auth_failures: Counter,
+    /// Audit entries that could not be written.
+    pub audit_failures: Counter,
     pub llm_requests: Family<ModelOutcomeLabels, Counter>,
     pub llm_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
     pub llm_tokens: Family<TokenLabels, Counter>,
     pub llm_prompt_calls: Family<PromptLabels, Counter>,
-    pub llm_cost: Family<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub llm_cost: Family<TenantModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub llm_invalid_answers: Family<PromptLabels, Counter>,
     pub vector_search_duration: Family<BackendLabels, Histogram, fn() -> Histogram>,
     pub memorize_tasks: Family<StatusLabels, Counter>,
@@ -118,6 +130,18 @@ impl Metrics {
         let embedding_tokens = Family::<ModelLabels, Counter>::default();
         let embedding_cache_hits = Counter::default();
         let retrieve_cache_hits = Counter::default();
+        let auth_failures = Counter::default();
+        registry.register(
+            "memu_auth_failures",
+            "API requests refused for want of a valid API key",
+            auth_failures.clone(),
+        );
+        let audit_failures = Counter::default();
+        registry.register(
+            "memu_audit_write_failures",
+            "Audit log entries that could not be written",
+            audit_failures.clone(),
+        );
         registry.register(
             "memu_retrieve_cache_hits",
             "Retrieve results served from the cache (Redis or in process)",
@@ -128,7 +152,8 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         let llm_tokens = Family::<TokenLabels, Counter>::default();
         let llm_prompt_calls = Family::<PromptLabels, Counter>::default();
-        let llm_cost = Family::<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        let llm_cost =
+            Family::<TenantModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
         let llm_invalid_answers = Family::<PromptLabels, Counter>::default();
         let vector_search_duration: Family<BackendLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
@@ -206,7 +231,7 @@ impl Metrics {
         );
         registry.register(
             "memu_llm_cost_usd",
-            "Cost of LLM calls in US dollars, from llm.prices",
+            "Cost of LLM calls per tenant in US dollars, from llm.prices",
             llm_cost.clone(),
         );
         registry.register(
@@ -245,6 +270,8 @@ impl Metrics {
             embedding_tokens,
             embedding_cache_hits,
             retrieve_cache_hits,
+            auth_failures,
+            audit_failures,
             llm_requests,
             llm_duration,
             llm_tokens,

@@ -7,19 +7,38 @@ use uuid::Uuid;
 
 pub use memu_crds::worker::MemoryType;
 
+/// One end user: `user_id` is namespaced inside the tenant that owns it, so the same id in two
+/// tenants names two users.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UserRef<'a> {
+    pub tenant_id: &'a str,
+    pub user_id: &'a str,
+}
+
+impl<'a> UserRef<'a> {
+    pub fn new(tenant_id: &'a str, user_id: &'a str) -> Self {
+        Self { tenant_id, user_id }
+    }
+}
+
 /// Identifies one end user's memory space. `agent_id` is empty when the caller gave none.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Scope {
+    pub tenant_id: String,
     pub user_id: String,
     pub agent_id: String,
 }
 
 impl Scope {
-    pub fn new(user_id: impl Into<String>, agent_id: Option<String>) -> Self {
+    pub fn new(user: UserRef<'_>, agent_id: Option<String>) -> Self {
         Self {
-            user_id: user_id.into(),
+            tenant_id: user.tenant_id.to_string(),
+            user_id: user.user_id.to_string(),
             agent_id: agent_id.unwrap_or_default(),
         }
+    }
+    pub fn user(&self) -> UserRef<'_> {
+        UserRef::new(&self.tenant_id, &self.user_id)
     }
 }
 
@@ -61,6 +80,7 @@ pub struct Message {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Resource {
     pub id: Uuid,
+    pub tenant_id: String,
     pub user_id: String,
     pub agent_id: String,
     pub modality: Modality,
@@ -72,6 +92,9 @@ pub struct Resource {
 }
 
 impl Resource {
+    pub fn user(&self) -> UserRef<'_> {
+        UserRef::new(&self.tenant_id, &self.user_id)
+    }
     /// The messages of a conversation resource (empty for other modalities).
     pub fn messages(&self) -> Vec<Message> {
         serde_json::from_value(self.content.get("messages").cloned().unwrap_or_default())
@@ -143,6 +166,7 @@ impl TaskStatus {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Task {
     pub id: Uuid,
+    pub tenant_id: String,
     pub user_id: String,
     pub agent_id: String,
     pub resource_id: Uuid,
@@ -154,9 +178,16 @@ pub struct Task {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
+impl Task {
+    pub fn user(&self) -> UserRef<'_> {
+        UserRef::new(&self.tenant_id, &self.user_id)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemoryItem {
     pub id: Uuid,
+    pub tenant_id: String,
     pub user_id: String,
     pub agent_id: String,
     pub resource_id: Option<Uuid>,
@@ -166,6 +197,12 @@ pub struct MemoryItem {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub extra: serde_json::Value,
+}
+
+impl MemoryItem {
+    pub fn user(&self) -> UserRef<'_> {
+        UserRef::new(&self.tenant_id, &self.user_id)
+    }
 }
 
 /// A memory item as written, with its embedding.
@@ -180,6 +217,7 @@ pub struct NewItem {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Category {
     pub id: Uuid,
+    pub tenant_id: String,
     pub user_id: String,
     pub agent_id: String,
     pub name: String,
@@ -292,6 +330,7 @@ pub fn normalize(v: &mut [f32]) {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LlmUsage {
     pub id: Uuid,
+    pub tenant_id: String,
     pub user_id: String,
     pub task_id: Option<Uuid>,
     /// `memorize` or `retrieve`.

@@ -68,7 +68,7 @@ pub async fn retrieve_llm(
     let mut session = LlmSession::new(
         &service.metrics,
         &service.config.llm.prices,
-        &input.user_id,
+        input.user(),
         None,
         "retrieve",
     );
@@ -112,7 +112,7 @@ async fn llm_flow(
         out.query = route.query.trim().to_string();
     }
 
-    let scope = crate::model::Scope::new(&input.user_id, input.agent_id.clone());
+    let scope = crate::model::Scope::new(input.user(), input.agent_id.clone());
     let mut vector = service.embed_query(&out.query).await?;
     out.categories = service.rank_categories(&scope, &vector).await?;
     // Nothing summarised yet: no point asking whether nothing suffices.
@@ -154,7 +154,7 @@ async fn llm_flow(
         out.sufficient_after = Some("items");
         return Ok(out);
     }
-    out.resources = service.sources(&search.user_id, &out.items).await?;
+    out.resources = service.sources(search.user(), &out.items).await?;
     out.sufficient_after = Some("resources");
     Ok(out)
 }
@@ -168,6 +168,7 @@ mod tests {
     fn hit(id: u128, score: f32) -> ScoredItem {
         ScoredItem {
             item: MemoryItem {
+                tenant_id: "t".into(),
                 id: Uuid::from_u128(id),
                 user_id: "u".into(),
                 agent_id: String::new(),

@@ -44,11 +44,36 @@ pub async fn build_service(
         Some(url) => Some(Arc::new(crate::cache::RedisCache::connect(&url).await?)),
         None => None,
     };
-    Ok(Arc::new(
-        MemoryService::new(config, store, embedder, metrics)
-            .with_llm(llm)
-            .with_cache(redis),
-    ))
+    let service = MemoryService::new(config, store, embedder, metrics)
+        .with_llm(llm)
+        .with_cache(redis);
+    if service.access.install_bootstrap_key().await? {
+        tracing::info!("bootstrap admin key installed (tenant system)");
+    }
+    Ok(Arc::new(service))
+}
+
+/// Authentication may be off only where nobody else can connect: the API on loopback.
+pub fn check_auth_exposure(config: &WorkerConfig) -> anyhow::Result<()> {
+    if config.auth.mode != memu_crds::worker::AuthMode::Disabled || !config.role.serves_api() {
+        return Ok(());
+    }
+    let loopback = config
+        .server
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or_else(|_| config.server.listen.starts_with("localhost:"));
+    match loopback {
+        true => {
+            tracing::warn!("auth.mode is disabled: every request acts as tenant `default`");
+            Ok(())
+        }
+        false => anyhow::bail!(
+            "auth.mode disabled is only allowed when server.listen is a loopback address, not {}",
+            config.server.listen
+        ),
+    }
 }
 
 /// A future that resolves on SIGTERM or Ctrl-C.

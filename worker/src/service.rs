@@ -15,7 +15,7 @@ use crate::cache::{Cache, MemoryCache, decode_vector, encode_vector, generation_
 use crate::metrics::{BackendLabels, Metrics};
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Message, Modality,
-    NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, UsageTotals, dot,
+    NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, UsageTotals, UserRef, dot,
 };
 use crate::providers::{ChatModel, Embedder, MediaReader, ProviderError, build_chat, build_media};
 use crate::store::{EmbeddingSpace, MemoryStore, StoreError, UserExport};
@@ -109,9 +109,16 @@ pub enum RetrieveMethod {
     Llm,
 }
 
+impl RetrieveInput {
+    pub fn user(&self) -> UserRef<'_> {
+        UserRef::new(&self.tenant_id, &self.user_id)
+    }
+}
+
 /// A validated retrieve request.
 #[derive(Clone, Debug)]
 pub struct RetrieveInput {
+    pub tenant_id: String,
     pub user_id: String,
     pub agent_id: Option<String>,
     pub query: String,
@@ -180,6 +187,8 @@ pub struct MemoryService {
     /// Where retrieve results are cached (Redis, or this process when allowed), with the TTL.
     result_cache: Option<(Arc<dyn Cache>, Duration)>,
     category_spec_vectors: OnceCell<Vec<Vec<f32>>>,
+    /// API keys, tenants, rate limits and quotas.
+    pub access: crate::access::Access,
 }
 
 /// The embedding space a configured embedder writes into.
@@ -199,6 +208,7 @@ impl MemoryService {
     ) -> Self {
         let cache = NonZeroUsize::new(config.embedding.query_cache_size.max(1)).expect("nonzero");
         Self {
+            access: crate::access::Access::new(store.clone(), config.auth.clone()),
             config,
             store,
             embedder,
@@ -232,9 +242,9 @@ impl MemoryService {
     }
 
     /// Drops every cached retrieve result of the user (after any write of theirs).
-    pub async fn invalidate(&self, user_id: &str) {
+    pub async fn invalidate(&self, user: UserRef<'_>) {
         if let Some((cache, _)) = &self.result_cache {
-            cache.bump(&generation_key(user_id)).await;
+            cache.bump(&generation_key(user)).await;
         }
     }
 
@@ -250,10 +260,7 @@ impl MemoryService {
     pub async fn memorize(&self, input: MemorizeInput) -> Result<(Task, bool), ServiceError> {
         let key = input.idempotency_key.as_deref();
         if let Some(key) = key
-            && let Some(task) = self
-                .store
-                .find_task_by_key(&input.scope.user_id, key)
-                .await?
+            && let Some(task) = self.store.find_task_by_key(input.scope.user(), key).await?
         {
             return Ok((task, true));
         }
@@ -270,6 +277,7 @@ impl MemoryService {
         });
         let resource = Resource {
             id: Uuid::now_v7(),
+            tenant_id: input.scope.tenant_id.clone(),
             user_id: input.scope.user_id.clone(),
             agent_id: input.scope.agent_id.clone(),
             modality: Modality::Conversation,
@@ -287,10 +295,9 @@ impl MemoryService {
             Ok(()) => {}
             // A concurrent request with the same key won the race: answer with its task.
             Err(StoreError::Duplicate(_)) if key.is_some() => {
-                let user = &input.scope.user_id;
                 let task = self
                     .store
-                    .find_task_by_key(user, key.expect("checked"))
+                    .find_task_by_key(input.scope.user(), key.expect("checked"))
                     .await?
                     .ok_or_else(|| ServiceError::NotFound("task of the idempotency key".into()))?;
                 return Ok((task, true));
@@ -377,6 +384,7 @@ impl MemoryService {
         let now = Utc::now();
         let resource = Resource {
             id: Uuid::now_v7(),
+            tenant_id: scope.tenant_id.clone(),
             user_id: scope.user_id.clone(),
             agent_id: scope.agent_id.clone(),
             modality: Modality::Document,
@@ -394,12 +402,12 @@ impl MemoryService {
     }
 
     /// Puts a FAILED task back in the queue (its resource was kept).
-    pub async fn retry_task(&self, id: Uuid) -> Result<Task, ServiceError> {
-        if let Some(task) = self.store.retry_task(id).await? {
+    pub async fn retry_task(&self, tenant_id: &str, id: Uuid) -> Result<Task, ServiceError> {
+        if let Some(task) = self.store.retry_task(tenant_id, id).await? {
             self.new_work.notify_one();
             return Ok(task);
         }
-        let task = self.task(id).await?;
+        let task = self.task(tenant_id, id).await?;
         Err(invalid(
             "task_id",
             format!(
@@ -409,9 +417,10 @@ impl MemoryService {
         ))
     }
 
-    pub async fn task(&self, id: Uuid) -> Result<Task, ServiceError> {
+    /// A task of the tenant; another tenant's id is simply not found.
+    pub async fn task(&self, tenant_id: &str, id: Uuid) -> Result<Task, ServiceError> {
         self.store
-            .get_task(id)
+            .get_task(tenant_id, id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("task {id}")))
     }
@@ -517,9 +526,9 @@ impl MemoryService {
         let items = self
             .search(&input, &query, input.method == RetrieveMethod::Hybrid)
             .await?;
-        let scope = Scope::new(&input.user_id, input.agent_id.clone());
+        let scope = Scope::new(input.user(), input.agent_id.clone());
         let categories = self.rank_categories(&scope, &query).await?;
-        let resources = self.sources(&input.user_id, &items).await?;
+        let resources = self.sources(input.user(), &items).await?;
         if let Some((cache, ttl, key)) = &cached
             && let Ok(bytes) = serde_json::to_vec(&(&categories, &items, &resources))
         {
@@ -540,7 +549,7 @@ impl MemoryService {
         input: &RetrieveInput,
     ) -> Option<(&Arc<dyn Cache>, Duration, String)> {
         let (cache, ttl) = self.result_cache.as_ref()?;
-        let generation = cache.counter(&generation_key(&input.user_id)).await;
+        let generation = cache.counter(&generation_key(input.user())).await;
         let request = serde_json::json!([
             input.method == RetrieveMethod::Hybrid,
             input.agent_id,
@@ -551,7 +560,8 @@ impl MemoryService {
             input.filter.until,
         ]);
         let key = format!(
-            "memu:ret:{}:{generation}:{}",
+            "memu:ret:{}:{}:{generation}:{}",
+            input.tenant_id,
             input.user_id,
             content_hash(&request)
         );
@@ -574,7 +584,7 @@ impl MemoryService {
         };
         let by_vector = self
             .store
-            .search_items(&input.user_id, query, &input.filter, depth)
+            .search_items(input.user(), query, &input.filter, depth)
             .await?;
         self.metrics
             .vector_search_duration
@@ -587,7 +597,7 @@ impl MemoryService {
         }
         let by_text = self
             .store
-            .search_text(&input.user_id, &input.query, &input.filter, depth)
+            .search_text(input.user(), &input.query, &input.filter, depth)
             .await?;
         Ok(crate::retrieval::fuse_ranks(
             &[by_vector, by_text],
@@ -620,18 +630,18 @@ impl MemoryService {
     /// The resources the items were extracted from.
     pub async fn sources(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         items: &[ScoredItem],
     ) -> Result<Vec<Resource>, ServiceError> {
         let mut ids: Vec<Uuid> = items.iter().filter_map(|i| i.item.resource_id).collect();
         ids.sort();
         ids.dedup();
-        Ok(self.store.get_resources(user_id, &ids).await?)
+        Ok(self.store.get_resources(user, &ids).await?)
     }
 
     /// The user's LLM cost log, totalled.
-    pub async fn usage(&self, user_id: &str) -> Result<Vec<UsageTotals>, ServiceError> {
-        Ok(self.store.llm_usage_totals(user_id).await?)
+    pub async fn usage(&self, user: UserRef<'_>) -> Result<Vec<UsageTotals>, ServiceError> {
+        Ok(self.store.llm_usage_totals(user).await?)
     }
 
     pub async fn categories(&self, scope: &Scope) -> Result<Vec<Category>, ServiceError> {
@@ -640,13 +650,13 @@ impl MemoryService {
 
     pub async fn list_items(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         filter: &ItemFilter,
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<MemoryItem>, ServiceError> {
         self.store
-            .list_items(user_id, filter, limit, cursor)
+            .list_items(user, filter, limit, cursor)
             .await
             .map_err(|e| match e {
                 StoreError::Invalid(message) => invalid("cursor", message),
@@ -654,9 +664,9 @@ impl MemoryService {
             })
     }
 
-    pub async fn get_item(&self, user_id: &str, id: Uuid) -> Result<MemoryItem, ServiceError> {
+    pub async fn get_item(&self, user: UserRef<'_>, id: Uuid) -> Result<MemoryItem, ServiceError> {
         self.store
-            .get_item(user_id, id)
+            .get_item(user, id)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("memory item {id}")))
     }
@@ -673,6 +683,7 @@ impl MemoryService {
         let now = Utc::now();
         let item = MemoryItem {
             id: Uuid::now_v7(),
+            tenant_id: scope.tenant_id,
             user_id: scope.user_id,
             agent_id: scope.agent_id,
             resource_id: None,
@@ -690,13 +701,13 @@ impl MemoryService {
             })
             .await?;
         self.metrics.memory_items_written.inc();
-        self.invalidate(&item.user_id).await;
+        self.invalidate(item.user()).await;
         Ok(item)
     }
 
     pub async fn update_item(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         id: Uuid,
         mut patch: ItemPatch,
     ) -> Result<MemoryItem, ServiceError> {
@@ -705,16 +716,16 @@ impl MemoryService {
         }
         let item = self
             .store
-            .update_item(user_id, id, &patch)
+            .update_item(user, id, &patch)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("memory item {id}")))?;
-        self.invalidate(user_id).await;
+        self.invalidate(user).await;
         Ok(item)
     }
 
-    pub async fn delete_item(&self, user_id: &str, id: Uuid) -> Result<(), ServiceError> {
-        if self.store.delete_item(user_id, id).await? {
-            self.invalidate(user_id).await;
+    pub async fn delete_item(&self, user: UserRef<'_>, id: Uuid) -> Result<(), ServiceError> {
+        if self.store.delete_item(user, id).await? {
+            self.invalidate(user).await;
             Ok(())
         } else {
             Err(ServiceError::NotFound(format!("memory item {id}")))
@@ -723,16 +734,27 @@ impl MemoryService {
 
     pub async fn delete_user(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         agent_id: Option<&str>,
     ) -> Result<DeletedCounts, ServiceError> {
-        let deleted = self.store.delete_user(user_id, agent_id).await?;
-        self.invalidate(user_id).await;
+        let deleted = self.store.delete_user(user, agent_id).await?;
+        if agent_id.is_none() {
+            // The audit trail stays countable, but no longer names the erased user.
+            let pseudonym = crate::tenancy::erased_user_pseudonym(user.tenant_id, user.user_id);
+            self.store.pseudonymise_audit(user, &pseudonym).await?;
+        }
+        self.invalidate(user).await;
         Ok(deleted)
     }
 
-    pub async fn export_user(&self, user_id: &str) -> Result<UserExport, ServiceError> {
-        Ok(self.store.export_user(user_id).await?)
+    /// Everything stored about the user, audit entries included (GDPR access request).
+    pub async fn export_user(&self, user: UserRef<'_>) -> Result<UserExport, ServiceError> {
+        let mut export = self.store.export_user(user).await?;
+        export.audit = self
+            .store
+            .list_audit(user.tenant_id, Some(user.user_id), usize::MAX >> 1)
+            .await?;
+        Ok(export)
     }
 
     async fn embed_one(&self, text: &str) -> Result<Vec<f32>, ServiceError> {
@@ -749,6 +771,7 @@ impl MemoryService {
 fn pending_task(resource: &Resource) -> Task {
     Task {
         id: Uuid::now_v7(),
+        tenant_id: resource.tenant_id.clone(),
         user_id: resource.user_id.clone(),
         agent_id: resource.agent_id.clone(),
         resource_id: resource.id,

@@ -2,6 +2,7 @@
 //! isolation, the bad-input matrix, native CRUD, erase/export, health, metrics and OpenAPI.
 
 mod common;
+use common::u;
 
 use common::TestServer;
 use serde_json::{Value, json};
@@ -466,7 +467,7 @@ async fn bad_input_matrix() {
     );
 
     // Nothing above was written.
-    let export = server.service.export_user("u").await.unwrap();
+    let export = server.service.export_user(u("u")).await.unwrap();
     assert!(
         export.memory_items.is_empty() && export.resources.is_empty() && export.tasks.is_empty()
     );
@@ -653,7 +654,7 @@ async fn provider_outage_fails_the_task_and_keeps_the_resource() {
     let task = server.wait_task(body["task_id"].as_str().unwrap()).await;
     assert_eq!(task["status"], "FAILED");
     assert!(task["error"].as_str().unwrap().contains("400"), "{task}");
-    let export = server.service.export_user("z").await.unwrap();
+    let export = server.service.export_user(u("z")).await.unwrap();
     assert_eq!(
         export.resources.len(),
         1,

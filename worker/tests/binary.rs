@@ -116,6 +116,36 @@ impl Drop for Running {
     }
 }
 
+/// `memu-worker admin key create --output-file`, as `scripts/serve-local.sh` runs it; the key
+/// file is private to its owner.
+fn create_key(cmd: &mut Command, dir: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = dir.join("api-key");
+    let out = run(cmd
+        .args([
+            "admin",
+            "key",
+            "create",
+            "--tenant",
+            "default",
+            "--output-file",
+        ])
+        .arg(&file));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(&key),
+        "key echoed"
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    key
+}
+
 async fn wait_ready(base: &str) {
     let http = reqwest::Client::new();
     for _ in 0..400 {
@@ -153,6 +183,14 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         "{}",
         String::from_utf8_lossy(&migrate.stderr)
     );
+    let key = create_key(
+        worker(dir.path())
+            .env("MEMU_VECTOR__DIMENSION", common::STUB_DIM.to_string())
+            .env("MEMU_EMBEDDING__PROVIDER", "stub")
+            .env("MEMU_PROVIDERS__STUB__BASE_URL", stub.base_url())
+            .env("MEMU_PROVIDERS__STUB__EMBED_MODEL", "stub-embed"),
+        dir.path(),
+    );
     let child = worker(dir.path())
         .args(["serve", "--role", "all"])
         .env("MEMU_SERVER__LISTEN", format!("127.0.0.1:{port}"))
@@ -168,7 +206,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     wait_ready(&base).await;
 
     // A retrieve that waits on the slow embedding provider is in flight when SIGTERM arrives.
-    let http = reqwest::Client::new();
+    let http = common::authorized_client(&key);
     let request = tokio::spawn({
         let url = format!("{base}/api/v3/memory/retrieve");
         async move {
@@ -219,6 +257,10 @@ async fn readme_flow_with_defaults_and_the_local_model() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
+    let key = create_key(
+        worker(dir.path()).env("MEMU_PROVIDERS__LOCAL__MODEL_DIR", common::model_dir()),
+        dir.path(),
+    );
     let child = worker(dir.path())
         .arg("serve")
         .env("MEMU_SERVER__LISTEN", format!("127.0.0.1:{port}"))
@@ -228,7 +270,11 @@ async fn readme_flow_with_defaults_and_the_local_model() {
         .unwrap();
     let _running = Running(child);
     wait_ready(&base).await;
-    let http = reqwest::Client::new();
+    let http = common::authorized_client(&key);
+    let anonymous = reqwest::get(format!("{base}/api/v3/memory/memorize/status/x"))
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401, "the API needs a key");
     let task: Value = http
         .post(format!("{base}/api/v3/memory/memorize"))
         .json(
@@ -245,7 +291,9 @@ async fn readme_flow_with_defaults_and_the_local_model() {
     let id = task["task_id"].as_str().unwrap();
     let mut status = Value::Null;
     for _ in 0..200 {
-        status = reqwest::get(format!("{base}/api/v3/memory/memorize/status/{id}"))
+        status = http
+            .get(format!("{base}/api/v3/memory/memorize/status/{id}"))
+            .send()
             .await
             .unwrap()
             .json()

@@ -73,7 +73,7 @@ async fn replicas_share_the_cache_and_writes_invalidate_it() {
     let other = json!({"user_id": user, "query": "What is Maria's job?", "top_k": 5});
     let (_, _) = a.post("/api/v3/memory/retrieve", other.clone()).await;
     let embeds = stub.count(Endpoint::Embeddings);
-    b.service.invalidate(&user).await;
+    b.service.invalidate(common::u(&user)).await;
     let (_, again) = b.post("/api/v3/memory/retrieve", other).await;
     assert_eq!(again["items"].as_array().unwrap().len(), 2);
     assert_eq!(

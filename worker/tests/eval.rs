@@ -36,6 +36,7 @@ async fn eval_scores_categories_one_to_four_and_adversarial_apart() {
             worker_url: server.base.clone(),
             llm_url: stub.base_url(),
             api_key: None,
+            worker_key: Some(server.api_key.clone()),
             answer_model: "answer-model".into(),
             judge_model: "judge-model".into(),
             top_k: 10,

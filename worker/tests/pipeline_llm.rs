@@ -3,6 +3,7 @@
 //! per-user categories, `llm` and `hybrid` retrieve, retries, call counts and the cost log.
 
 mod common;
+use common::u;
 
 use common::TestServer;
 use memu_crds::worker::{MemoryType, ModelPrice, WorkerConfig};
@@ -305,7 +306,7 @@ async fn repair_then_clean_failure(postgres: bool) {
         "no retry of a model that cannot answer"
     );
     assert_eq!(items_of(&server, "maria").await.len(), 1);
-    let export = server.service.export_user("maria").await.unwrap();
+    let export = server.service.export_user(u("maria")).await.unwrap();
     assert_eq!(export.resources.len(), 2, "the failed conversation is kept");
     // The failed attempt's calls are in the cost log too.
     let (_, usage) = server.get("/api/v1/users/maria/usage").await;
@@ -647,7 +648,7 @@ async fn hybrid_finds_numbers(postgres: bool) {
     let text = server
         .service
         .store
-        .search_text("maria", "what is 48213?", &Default::default(), 5)
+        .search_text(u("maria"), "what is 48213?", &Default::default(), 5)
         .await
         .unwrap();
     assert_eq!(text.len(), 1);
@@ -656,7 +657,7 @@ async fn hybrid_finds_numbers(postgres: bool) {
     let other = server
         .service
         .store
-        .search_text("carol", "48213", &Default::default(), 5)
+        .search_text(u("carol"), "48213", &Default::default(), 5)
         .await
         .unwrap();
     assert!(other.is_empty());
@@ -733,7 +734,7 @@ async fn provider_outage_fails_with_the_reason() {
     .await;
     assert_eq!(task["status"], "FAILED", "{task}");
     assert!(task["error"].as_str().unwrap().contains("503"), "{task}");
-    let export = server.service.export_user("maria").await.unwrap();
+    let export = server.service.export_user(u("maria")).await.unwrap();
     assert_eq!(export.resources.len(), 1);
     assert!(export.memory_items.is_empty());
     server.stop().await.unwrap();
@@ -886,7 +887,7 @@ async fn images_and_audio_are_read_into_memories() {
         .find(|r| r.endpoint == Endpoint::Transcriptions)
         .unwrap();
     assert_eq!(transcription.body["model"], "stub-whisper");
-    let export = server.service.export_user("maria").await.unwrap();
+    let export = server.service.export_user(u("maria")).await.unwrap();
     let audio = export
         .resources
         .iter()

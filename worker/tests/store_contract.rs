@@ -2,6 +2,7 @@
 //! real PostgreSQL 15 + pgvector server.
 
 mod common;
+use common::u;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -62,6 +63,7 @@ fn item(
 ) -> MemoryItem {
     MemoryItem {
         id: Uuid::now_v7(),
+        tenant_id: "default".into(),
         user_id: user.into(),
         agent_id: agent.into(),
         resource_id: None,
@@ -77,6 +79,7 @@ fn item(
 fn resource_and_task(user: &str, created: DateTime<Utc>) -> (Resource, Task) {
     let resource = Resource {
         id: Uuid::now_v7(),
+        tenant_id: "default".into(),
         user_id: user.into(),
         agent_id: String::new(),
         modality: Modality::Conversation,
@@ -87,6 +90,7 @@ fn resource_and_task(user: &str, created: DateTime<Utc>) -> (Resource, Task) {
     };
     let task = Task {
         id: Uuid::now_v7(),
+        tenant_id: "default".into(),
         user_id: user.into(),
         agent_id: String::new(),
         resource_id: resource.id,
@@ -139,7 +143,12 @@ async fn memorize_job_round_trip(pg: bool) {
         .await
         .unwrap();
     assert_eq!(
-        store.get_task(task.id).await.unwrap().unwrap().status,
+        store
+            .get_task("default", task.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         TaskStatus::Pending
     );
 
@@ -160,11 +169,11 @@ async fn memorize_job_round_trip(pg: bool) {
             .is_none()
     );
     store
-        .heartbeat_task(task.id, "w1", Duration::from_secs(60))
+        .heartbeat_task(&task, "w1", Duration::from_secs(60))
         .await
         .unwrap();
 
-    let scope = Scope::new("alice", None);
+    let scope = Scope::new(u("alice"), None);
     let categories = store
         .ensure_categories(
             &scope,
@@ -205,12 +214,12 @@ async fn memorize_job_round_trip(pg: bool) {
         revisions: Vec::new(),
     };
     store.complete_task(&claimed, outcome).await.unwrap();
-    let done = store.get_task(task.id).await.unwrap().unwrap();
+    let done = store.get_task("default", task.id).await.unwrap().unwrap();
     assert_eq!(done.status, TaskStatus::Success);
     assert!(done.completed_at.is_some());
 
     let hits = store
-        .search_items("alice", &vector(1, 0.0), &ItemFilter::default(), 5)
+        .search_items(u("alice"), &vector(1, 0.0), &ItemFilter::default(), 5)
         .await
         .unwrap();
     assert_eq!(hits.len(), 1);
@@ -219,11 +228,14 @@ async fn memorize_job_round_trip(pg: bool) {
     let cats = store.list_categories(&scope).await.unwrap();
     assert_eq!(cats[0].summary, "- Alice lives in Oslo.");
     let members = store
-        .category_items("alice", categories[0].id, 10)
+        .category_items(u("alice"), categories[0].id, 10)
         .await
         .unwrap();
     assert_eq!(members.len(), 1);
-    let resources = store.get_resources("alice", &[resource.id]).await.unwrap();
+    let resources = store
+        .get_resources(u("alice"), &[resource.id])
+        .await
+        .unwrap();
     assert_eq!(resources[0].caption.as_deref(), Some("caption"));
     assert!(
         store
@@ -281,13 +293,13 @@ async fn failures_retry_then_fail(pg: bool) {
         .fail_task(&claimed, "provider down", true)
         .await
         .unwrap();
-    let task = store.get_task(t.id).await.unwrap().unwrap();
+    let task = store.get_task("default", t.id).await.unwrap().unwrap();
     assert_eq!(task.status, TaskStatus::Pending);
     assert_eq!(task.error.as_deref(), Some("provider down"));
     let claimed = store.claim_task("w", lease).await.unwrap().unwrap().0;
     assert_eq!(claimed.attempts, 2);
     store.fail_task(&claimed, "bad input", false).await.unwrap();
-    let task = store.get_task(t.id).await.unwrap().unwrap();
+    let task = store.get_task("default", t.id).await.unwrap().unwrap();
     assert_eq!(task.status, TaskStatus::Failed);
     assert!(task.completed_at.is_some());
     assert!(store.claim_task("w", lease).await.unwrap().is_none());
@@ -364,17 +376,22 @@ async fn a_taken_over_claim_writes_nothing(pg: bool) {
         .unwrap();
     store.complete_task(&stale, outcome("stale")).await.unwrap();
     assert_eq!(
-        store.get_task(t.id).await.unwrap().unwrap().status,
+        store
+            .get_task("default", t.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
         TaskStatus::Processing
     );
     store
         .complete_task(&current, outcome("current"))
         .await
         .unwrap();
-    let task = store.get_task(t.id).await.unwrap().unwrap();
+    let task = store.get_task("default", t.id).await.unwrap().unwrap();
     assert_eq!(task.status, TaskStatus::Success);
     let page = store
-        .list_items("u", &ItemFilter::default(), 10, None)
+        .list_items(u("u"), &ItemFilter::default(), 10, None)
         .await
         .unwrap();
     let texts: Vec<&str> = page.items.iter().map(|i| i.summary.as_str()).collect();
@@ -403,7 +420,7 @@ async fn search_ranks_filters_and_isolates_users(pg: bool) {
     }
     let q = vector(1, 0.0);
     let hits = store
-        .search_items("alice", &q, &ItemFilter::default(), 10)
+        .search_items(u("alice"), &q, &ItemFilter::default(), 10)
         .await
         .unwrap();
     let ids: Vec<Uuid> = hits.iter().map(|h| h.item.id).collect();
@@ -416,7 +433,7 @@ async fn search_ranks_filters_and_isolates_users(pg: bool) {
         ..Default::default()
     };
     let ids: Vec<Uuid> = store
-        .search_items("alice", &q, &events, 10)
+        .search_items(u("alice"), &q, &events, 10)
         .await
         .unwrap()
         .iter()
@@ -428,7 +445,7 @@ async fn search_ranks_filters_and_isolates_users(pg: bool) {
         ..Default::default()
     };
     let ids: Vec<Uuid> = store
-        .search_items("alice", &q, &agent, 10)
+        .search_items(u("alice"), &q, &agent, 10)
         .await
         .unwrap()
         .iter()
@@ -441,7 +458,7 @@ async fn search_ranks_filters_and_isolates_users(pg: bool) {
         ..Default::default()
     };
     let ids: Vec<Uuid> = store
-        .search_items("alice", &q, &window, 10)
+        .search_items(u("alice"), &q, &window, 10)
         .await
         .unwrap()
         .iter()
@@ -450,7 +467,7 @@ async fn search_ranks_filters_and_isolates_users(pg: bool) {
     assert_eq!(ids, vec![b.id]);
     assert_eq!(
         store
-            .search_items("alice", &q, &ItemFilter::default(), 1)
+            .search_items(u("alice"), &q, &ItemFilter::default(), 1)
             .await
             .unwrap()
             .len(),
@@ -458,7 +475,7 @@ async fn search_ranks_filters_and_isolates_users(pg: bool) {
     );
     assert!(
         store
-            .search_items("nobody", &q, &ItemFilter::default(), 10)
+            .search_items(u("nobody"), &q, &ItemFilter::default(), 10)
             .await
             .unwrap()
             .is_empty()
@@ -466,7 +483,7 @@ async fn search_ranks_filters_and_isolates_users(pg: bool) {
     let wrong = vec![0.0f32; DIM + 1];
     assert!(matches!(
         store
-            .search_items("alice", &wrong, &ItemFilter::default(), 3)
+            .search_items(u("alice"), &wrong, &ItemFilter::default(), 3)
             .await,
         Err(StoreError::Invalid(_))
     ));
@@ -495,7 +512,7 @@ async fn list_pages_and_filters(pg: bool) {
     let mut cursor: Option<String> = None;
     loop {
         let page = store
-            .list_items("u", &ItemFilter::default(), 3, cursor.as_deref())
+            .list_items(u("u"), &ItemFilter::default(), 3, cursor.as_deref())
             .await
             .unwrap();
         assert!(page.items.len() <= 3);
@@ -511,7 +528,7 @@ async fn list_pages_and_filters(pg: bool) {
         memory_types: vec![MemoryType::Event],
         ..Default::default()
     };
-    let page = store.list_items("u", &events, 50, None).await.unwrap();
+    let page = store.list_items(u("u"), &events, 50, None).await.unwrap();
     assert_eq!(page.items.len(), 3);
     assert!(
         page.items
@@ -520,7 +537,7 @@ async fn list_pages_and_filters(pg: bool) {
     );
     assert!(matches!(
         store
-            .list_items("u", &ItemFilter::default(), 3, Some("garbage"))
+            .list_items(u("u"), &ItemFilter::default(), 3, Some("garbage"))
             .await,
         Err(StoreError::Invalid(_))
     ));
@@ -539,7 +556,7 @@ async fn update_and_delete_items(pg: bool) {
     // Warm any in-process index before the update, so the update must reach it.
     assert_eq!(
         store
-            .search_items("u", &vector(2, 0.0), &ItemFilter::default(), 1)
+            .search_items(u("u"), &vector(2, 0.0), &ItemFilter::default(), 1)
             .await
             .unwrap()[0]
             .item
@@ -553,13 +570,17 @@ async fn update_and_delete_items(pg: bool) {
         happened_at: Some(None),
         extra: Some(serde_json::json!({"edited": true})),
     };
-    let updated = store.update_item("u", i.id, &patch).await.unwrap().unwrap();
+    let updated = store
+        .update_item(u("u"), i.id, &patch)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(updated.summary, "new text");
     assert_eq!(updated.memory_type, MemoryType::Skill);
     assert_eq!(updated.happened_at, None);
     assert_eq!(updated.extra["edited"], true);
     let hit = &store
-        .search_items("u", &vector(9, 0.0), &ItemFilter::default(), 1)
+        .search_items(u("u"), &vector(9, 0.0), &ItemFilter::default(), 1)
         .await
         .unwrap()[0];
     assert_eq!(hit.item.id, i.id);
@@ -570,7 +591,7 @@ async fn update_and_delete_items(pg: bool) {
     };
     assert_eq!(
         store
-            .search_items("u", &vector(9, 0.0), &skills, 5)
+            .search_items(u("u"), &vector(9, 0.0), &skills, 5)
             .await
             .unwrap()
             .len(),
@@ -578,18 +599,18 @@ async fn update_and_delete_items(pg: bool) {
     );
     assert!(
         store
-            .update_item("other", i.id, &patch)
+            .update_item(u("other"), i.id, &patch)
             .await
             .unwrap()
             .is_none(),
         "ids are scoped by user"
     );
-    assert!(!store.delete_item("other", i.id).await.unwrap());
-    assert!(store.delete_item("u", i.id).await.unwrap());
-    assert!(store.get_item("u", i.id).await.unwrap().is_none());
+    assert!(!store.delete_item(u("other"), i.id).await.unwrap());
+    assert!(store.delete_item(u("u"), i.id).await.unwrap());
+    assert!(store.get_item(u("u"), i.id).await.unwrap().is_none());
     assert!(
         store
-            .search_items("u", &vector(9, 0.0), &ItemFilter::default(), 5)
+            .search_items(u("u"), &vector(9, 0.0), &ItemFilter::default(), 5)
             .await
             .unwrap()
             .is_empty()
@@ -610,7 +631,7 @@ async fn erase_and_export_a_user(pg: bool) {
     i.resource_id = Some(r.id);
     let cats = store
         .ensure_categories(
-            &Scope::new("gone", None),
+            &Scope::new(u("gone"), None),
             &[(
                 CategorySpec {
                     name: "c".into(),
@@ -648,7 +669,7 @@ async fn erase_and_export_a_user(pg: bool) {
         .await
         .unwrap();
 
-    let export = store.export_user("gone").await.unwrap();
+    let export = store.export_user(u("gone")).await.unwrap();
     assert_eq!(export.memory_items.len(), 1);
     assert_eq!(export.memory_items[0]["summary"], "to be erased");
     assert_eq!(export.resources.len(), 1);
@@ -660,7 +681,7 @@ async fn erase_and_export_a_user(pg: bool) {
     assert_eq!(export.category_items.len(), 1);
     assert_eq!(export.tasks.len(), 1);
 
-    let counts = store.delete_user("gone", None).await.unwrap();
+    let counts = store.delete_user(u("gone"), None).await.unwrap();
     assert_eq!(
         (
             counts.memory_items,
@@ -670,19 +691,19 @@ async fn erase_and_export_a_user(pg: bool) {
         ),
         (1, 1, 1, 1)
     );
-    assert!(store.get_task(t.id).await.unwrap().is_none());
+    assert!(store.get_task("default", t.id).await.unwrap().is_none());
     assert!(
         store
-            .search_items("gone", &vector(4, 0.0), &ItemFilter::default(), 5)
+            .search_items(u("gone"), &vector(4, 0.0), &ItemFilter::default(), 5)
             .await
             .unwrap()
             .is_empty()
     );
-    let export = store.export_user("gone").await.unwrap();
+    let export = store.export_user(u("gone")).await.unwrap();
     assert!(export.memory_items.is_empty() && export.resources.is_empty());
     assert_eq!(
         store
-            .search_items("kept", &vector(4, 0.0), &ItemFilter::default(), 5)
+            .search_items(u("kept"), &vector(4, 0.0), &ItemFilter::default(), 5)
             .await
             .unwrap()
             .len(),
@@ -701,10 +722,10 @@ async fn erase_and_export_a_user(pg: bool) {
             .await
             .unwrap();
     }
-    let counts = store.delete_user("multi", Some("a1")).await.unwrap();
+    let counts = store.delete_user(u("multi"), Some("a1")).await.unwrap();
     assert_eq!(counts.memory_items, 1);
     let left = store
-        .search_items("multi", &vector(5, 0.0), &ItemFilter::default(), 5)
+        .search_items(u("multi"), &vector(5, 0.0), &ItemFilter::default(), 5)
         .await
         .unwrap();
     assert_eq!(
@@ -723,17 +744,17 @@ async fn categories_are_private_per_user(pg: bool) {
         vector(0, 0.0),
     );
     let a = store
-        .ensure_categories(&Scope::new("a", None), std::slice::from_ref(&spec))
+        .ensure_categories(&Scope::new(u("a"), None), std::slice::from_ref(&spec))
         .await
         .unwrap();
     let b = store
-        .ensure_categories(&Scope::new("b", None), std::slice::from_ref(&spec))
+        .ensure_categories(&Scope::new(u("b"), None), std::slice::from_ref(&spec))
         .await
         .unwrap();
     assert_ne!(a[0].id, b[0].id, "each user gets a private copy");
     // Creating again is idempotent.
     let again = store
-        .ensure_categories(&Scope::new("a", None), std::slice::from_ref(&spec))
+        .ensure_categories(&Scope::new(u("a"), None), std::slice::from_ref(&spec))
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
@@ -761,16 +782,24 @@ async fn categories_are_private_per_user(pg: bool) {
         .await
         .unwrap();
     assert_eq!(
-        store.list_categories(&Scope::new("a", None)).await.unwrap()[0].summary,
+        store
+            .list_categories(&Scope::new(u("a"), None))
+            .await
+            .unwrap()[0]
+            .summary,
         "a likes tea"
     );
     assert_eq!(
-        store.list_categories(&Scope::new("b", None)).await.unwrap()[0].summary,
+        store
+            .list_categories(&Scope::new(u("b"), None))
+            .await
+            .unwrap()[0]
+            .summary,
         ""
     );
     assert!(
         store
-            .list_categories(&Scope::new("a", Some("agent".into())))
+            .list_categories(&Scope::new(u("a"), Some("agent".into())))
             .await
             .unwrap()
             .is_empty()
@@ -817,7 +846,7 @@ async fn identical_items_are_found(pg: bool) {
         })
         .await
         .unwrap();
-    let scope = Scope::new("u", None);
+    let scope = Scope::new(u("u"), None);
     assert_eq!(
         store
             .find_identical_item(&scope, MemoryType::Profile, "The user likes tea.")
@@ -835,7 +864,7 @@ async fn identical_items_are_found(pg: bool) {
     assert_eq!(
         store
             .find_identical_item(
-                &Scope::new("v", None),
+                &Scope::new(u("v"), None),
                 MemoryType::Profile,
                 "The user likes tea."
             )
@@ -880,9 +909,9 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
     for sql in [
         "DROP INDEX idx_memory_embedding",
         "SELECT setseed(0.42)",
-        "INSERT INTO users (user_id) SELECT 'user' || u FROM generate_series(0, 39) u",
-        "INSERT INTO memory_items (user_id, id, memory_type, summary, embedding) \
-         SELECT 'user' || (g % 40), gen_random_uuid(), 'event', 'row ' || g, \
+        "INSERT INTO users (tenant_id, user_id) SELECT 'default', 'user' || u FROM generate_series(0, 39) u",
+        "INSERT INTO memory_items (tenant_id, user_id, id, memory_type, summary, embedding) \
+         SELECT 'default', 'user' || (g % 40), gen_random_uuid(), 'event', 'row ' || g, \
                 l2_normalize(ARRAY(SELECT random() - 0.5 FROM generate_series(1, 16) WHERE g > 0)::vector) \
          FROM generate_series(1, 40000) g",
         "ANALYZE memory_items",
@@ -902,7 +931,7 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
     .unwrap();
     assert_eq!(mine.len(), 1000);
 
-    let plan = pg.explain_search("user7", &mine[0].1, 10).await.unwrap();
+    let plan = pg.explain_search(u("user7"), &mine[0].1, 10).await.unwrap();
     assert!(
         plan.contains("idx_memory_embedding"),
         "HNSW index not used:\n{plan}"
@@ -927,7 +956,7 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
         exact.sort_by(|a, b| b.0.total_cmp(&a.0));
         let truth: HashSet<Uuid> = exact.iter().take(10).map(|(_, id)| *id).collect();
         let got = pg
-            .search_items("user7", &q, &ItemFilter::default(), 10)
+            .search_items(u("user7"), &q, &ItemFilter::default(), 10)
             .await
             .unwrap();
         assert_eq!(got.len(), 10, "the filtered scan returned too few rows");
@@ -966,13 +995,13 @@ async fn postgres_read_replica_pool_serves_reads() {
         .await
         .unwrap();
     let hits = store
-        .search_items("r", &vector(3, 0.0), &ItemFilter::default(), 1)
+        .search_items(u("r"), &vector(3, 0.0), &ItemFilter::default(), 1)
         .await
         .unwrap();
     assert_eq!(hits[0].item.id, i.id);
     assert_eq!(
         store
-            .list_items("r", &ItemFilter::default(), 5, None)
+            .list_items(u("r"), &ItemFilter::default(), 5, None)
             .await
             .unwrap()
             .items

@@ -26,6 +26,9 @@ struct Args {
     /// API key of that endpoint.
     #[arg(long, env = "MEMU_EVAL_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// API key of the memU worker (read + write scopes).
+    #[arg(long, env = "MEMU_API_KEY", hide_env_values = true)]
+    worker_key: Option<String>,
     #[arg(long, default_value = "gpt-4o-mini")]
     answer_model: String,
     /// The judge model, named in the report.
@@ -62,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             worker_url: args.worker.trim_end_matches('/').to_string(),
             llm_url: args.llm_url,
             api_key: args.api_key,
+            worker_key: args.worker_key,
             answer_model: args.answer_model,
             judge_model: args.judge_model,
             top_k: args.top_k,

@@ -56,6 +56,12 @@ impl ApiError {
         }
     }
 
+    /// Names the field (or header) to blame.
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -101,6 +107,12 @@ fn provider_error(e: ProviderError) -> ApiError {
         _ => StatusCode::BAD_GATEWAY,
     };
     ApiError::new(status, "provider_error", e.to_string())
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        store_error(e)
+    }
 }
 
 fn store_error(e: StoreError) -> ApiError {

@@ -9,6 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
 use super::memu::check_id;
 use crate::model::{
@@ -143,6 +144,7 @@ fn parse_item_id(raw: &str) -> Result<Uuid, ApiError> {
     responses((status = 200, body = ItemPage), (status = 422, body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<ItemPage>, ApiError> {
@@ -173,7 +175,12 @@ pub async fn list(
     };
     let page = state
         .service
-        .list_items(&user_id, &filter, limit, params.cursor.as_deref())
+        .list_items(
+            caller.user(&user_id),
+            &filter,
+            limit,
+            params.cursor.as_deref(),
+        )
         .await?;
     Ok(Json(ItemPage {
         items: page.items.into_iter().map(ItemOut::from).collect(),
@@ -187,11 +194,18 @@ pub async fn list(
     responses((status = 200, body = ItemOut), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(state): State<AppState>,
+    caller: Caller,
     Path((user_id, item_id)): Path<(String, String)>,
 ) -> Result<Json<ItemOut>, ApiError> {
     check_user(&state, &user_id)?;
     let id = parse_item_id(&item_id)?;
-    Ok(Json(state.service.get_item(&user_id, id).await?.into()))
+    Ok(Json(
+        state
+            .service
+            .get_item(caller.user(&user_id), id)
+            .await?
+            .into(),
+    ))
 }
 
 /// Create a memory item directly (embedded on write).
@@ -200,6 +214,7 @@ pub async fn get(
     responses((status = 201, body = ItemOut), (status = 422, body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
     ApiJson(req): ApiJson<CreateItem>,
 ) -> Result<(StatusCode, Json<ItemOut>), ApiError> {
@@ -215,7 +230,7 @@ pub async fn create(
     let item = state
         .service
         .create_item(
-            Scope::new(user_id, req.agent_id),
+            Scope::new(caller.user(&user_id), req.agent_id),
             req.memory_type,
             req.summary,
             req.happened_at,
@@ -231,6 +246,7 @@ pub async fn create(
     responses((status = 200, body = ItemOut), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn update(
     State(state): State<AppState>,
+    caller: Caller,
     Path((user_id, item_id)): Path<(String, String)>,
     ApiJson(req): ApiJson<UpdateItem>,
 ) -> Result<Json<ItemOut>, ApiError> {
@@ -252,7 +268,11 @@ pub async fn update(
         extra: req.extra,
     };
     Ok(Json(
-        state.service.update_item(&user_id, id, patch).await?.into(),
+        state
+            .service
+            .update_item(caller.user(&user_id), id, patch)
+            .await?
+            .into(),
     ))
 }
 
@@ -262,11 +282,12 @@ pub async fn update(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path((user_id, item_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     check_user(&state, &user_id)?;
     let id = parse_item_id(&item_id)?;
-    state.service.delete_item(&user_id, id).await?;
+    state.service.delete_item(caller.user(&user_id), id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -276,13 +297,14 @@ pub async fn delete(
     responses((status = 200, body = DeleteUserResponse), (status = 422, body = ErrorBody)))]
 pub async fn delete_user(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
     ApiQuery(params): ApiQuery<AgentParam>,
 ) -> Result<Json<DeleteUserResponse>, ApiError> {
     check_user(&state, &user_id)?;
     let deleted = state
         .service
-        .delete_user(&user_id, params.agent_id.as_deref())
+        .delete_user(caller.user(&user_id), params.agent_id.as_deref())
         .await?;
     Ok(Json(DeleteUserResponse { user_id, deleted }))
 }
@@ -293,10 +315,13 @@ pub async fn delete_user(
     responses((status = 200, body = UserExport), (status = 422, body = ErrorBody)))]
 pub async fn export(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
 ) -> Result<Json<UserExport>, ApiError> {
     check_user(&state, &user_id)?;
-    Ok(Json(state.service.export_user(&user_id).await?))
+    Ok(Json(
+        state.service.export_user(caller.user(&user_id)).await?,
+    ))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -317,10 +342,11 @@ pub struct UsageResponse {
     responses((status = 200, body = UsageResponse), (status = 422, body = ErrorBody)))]
 pub async fn usage(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
 ) -> Result<Json<UsageResponse>, ApiError> {
     check_user(&state, &user_id)?;
-    let breakdown = state.service.usage(&user_id).await?;
+    let breakdown = state.service.usage(caller.user(&user_id)).await?;
     Ok(Json(UsageResponse {
         calls: breakdown.iter().map(|u| u.calls).sum(),
         prompt_tokens: breakdown.iter().map(|u| u.prompt_tokens).sum(),
@@ -361,6 +387,7 @@ const MAX_MEDIA_BYTES: usize = 20 * 1024 * 1024;
     responses((status = 202, body = super::memu::MemorizeResponse), (status = 422, body = ErrorBody)))]
 pub async fn memorize_document(
     State(state): State<AppState>,
+    caller: Caller,
     Path(user_id): Path<String>,
     ApiJson(req): ApiJson<DocumentRequest>,
 ) -> Result<(StatusCode, Json<super::memu::MemorizeResponse>), ApiError> {
@@ -368,7 +395,7 @@ pub async fn memorize_document(
     if let Some(agent) = &req.agent_id {
         check_id("agent_id", agent, state.service.config.memory.max_id_len)?;
     }
-    let scope = Scope::new(user_id, req.agent_id);
+    let scope = Scope::new(caller.user(&user_id), req.agent_id);
     let kind = match req.modality.as_deref().unwrap_or("document") {
         "document" | "text" | "markdown" => None,
         "image" => Some(MediaKind::Image),

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::{ApiError, ApiJson};
 use crate::model::{ItemFilter, MemoryType, Message, Scope, Task, TaskStatus};
 use crate::service::{MemorizeInput, RetrieveInput, RetrieveOutput};
@@ -297,7 +298,11 @@ pub fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
     ))
 }
 
-fn memorize_input(state: &AppState, req: MemorizeRequest) -> Result<MemorizeInput, ApiError> {
+fn memorize_input(
+    state: &AppState,
+    caller: &Caller,
+    req: MemorizeRequest,
+) -> Result<MemorizeInput, ApiError> {
     let max = state.service.config.memory.max_id_len;
     check_id("user_id", &req.user_id, max)?;
     if let Some(agent) = &req.agent_id {
@@ -338,7 +343,7 @@ fn memorize_input(state: &AppState, req: MemorizeRequest) -> Result<MemorizeInpu
     }
     Ok(MemorizeInput {
         idempotency_key: None,
-        scope: Scope::new(req.user_id, req.agent_id),
+        scope: Scope::new(caller.user(&req.user_id), req.agent_id),
         user_name: req.user_name,
         agent_name: req.agent_name,
         session_date: req
@@ -357,10 +362,11 @@ fn memorize_input(state: &AppState, req: MemorizeRequest) -> Result<MemorizeInpu
     responses((status = 202, body = MemorizeResponse), (status = 422, body = super::error::ErrorBody)))]
 pub async fn memorize(
     State(state): State<AppState>,
+    caller: Caller,
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<MemorizeRequest>,
 ) -> Result<(StatusCode, Json<MemorizeResponse>), ApiError> {
-    let mut input = memorize_input(&state, req)?;
+    let mut input = memorize_input(&state, &caller, req)?;
     if let Some(key) = headers.get("idempotency-key") {
         let key = key
             .to_str()
@@ -409,11 +415,14 @@ pub fn queued(
     responses((status = 200, body = TaskStatusResponse), (status = 404, body = super::error::ErrorBody)))]
 pub async fn memorize_status(
     State(state): State<AppState>,
+    caller: Caller,
     Path(task_id): Path<String>,
 ) -> Result<Json<TaskStatusResponse>, ApiError> {
     let id = Uuid::parse_str(&task_id)
         .map_err(|_| ApiError::invalid("task_id", format!("task_id `{task_id}` is not a UUID")))?;
-    Ok(Json(state.service.task(id).await?.into()))
+    Ok(Json(
+        state.service.task(caller.tenant_id(), id).await?.into(),
+    ))
 }
 
 /// The query text and, for a conversation, the messages before it (the `llm` router's context).
@@ -424,13 +433,20 @@ pub async fn memorize_status(
         (status = 422, body = super::error::ErrorBody)))]
 pub async fn memorize_retry(
     State(state): State<AppState>,
+    caller: Caller,
     Path(task_id): Path<String>,
 ) -> Result<(StatusCode, Json<TaskStatusResponse>), ApiError> {
     let id = Uuid::parse_str(&task_id)
         .map_err(|_| ApiError::invalid("task_id", format!("task_id `{task_id}` is not a UUID")))?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(state.service.retry_task(id).await?.into()),
+        Json(
+            state
+                .service
+                .retry_task(caller.tenant_id(), id)
+                .await?
+                .into(),
+        ),
     ))
 }
 
@@ -466,6 +482,7 @@ fn query_text(query: Query) -> Result<(String, Vec<(String, String)>), ApiError>
     responses((status = 200, body = RetrieveResponse), (status = 422, body = super::error::ErrorBody)))]
 pub async fn retrieve(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(req): ApiJson<RetrieveRequest>,
 ) -> Result<Json<RetrieveResponse>, ApiError> {
     let memory = &state.service.config.memory;
@@ -505,7 +522,8 @@ pub async fn retrieve(
             since: req.since,
             until: req.until,
         },
-        user_id: req.user_id,
+        tenant_id: caller.tenant_id().to_string(),
+        user_id: caller.user(&req.user_id).user_id.to_string(),
         agent_id: req.agent_id,
         query,
         top_k,
@@ -519,6 +537,7 @@ pub async fn retrieve(
     responses((status = 200, body = CategoriesResponse), (status = 422, body = super::error::ErrorBody)))]
 pub async fn categories(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(req): ApiJson<ScopeRequest>,
 ) -> Result<Json<CategoriesResponse>, ApiError> {
     let max = state.service.config.memory.max_id_len;
@@ -528,7 +547,7 @@ pub async fn categories(
     }
     let categories = state
         .service
-        .categories(&Scope::new(req.user_id, req.agent_id))
+        .categories(&Scope::new(caller.user(&req.user_id), req.agent_id))
         .await?;
     Ok(Json(CategoriesResponse {
         categories: categories
@@ -551,6 +570,7 @@ pub async fn categories(
     responses((status = 200, body = ClearResponse), (status = 422, body = super::error::ErrorBody)))]
 pub async fn clear(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(req): ApiJson<ScopeRequest>,
 ) -> Result<Json<ClearResponse>, ApiError> {
     let max = state.service.config.memory.max_id_len;
@@ -560,7 +580,7 @@ pub async fn clear(
     }
     let deleted = state
         .service
-        .delete_user(&req.user_id, req.agent_id.as_deref())
+        .delete_user(caller.user(&req.user_id), req.agent_id.as_deref())
         .await?;
     Ok(Json(ClearResponse { deleted }))
 }

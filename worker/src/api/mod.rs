@@ -21,6 +21,8 @@ use memu_crds::worker::Role;
 use crate::metrics::HttpLabels;
 use crate::service::MemoryService;
 
+pub mod admin;
+pub mod auth;
 pub mod error;
 pub mod items;
 pub mod memu;
@@ -39,6 +41,7 @@ pub struct AppState {
         (name = "memory", description = "memU Cloud v3-compatible memorize / retrieve / categories"),
         (name = "items", description = "Memory items of one user"),
         (name = "users", description = "Erase and export a user's data"),
+        (name = "admin", description = "Tenants, API keys, audit log and costs (admin scope)"),
         (name = "ops", description = "Health and readiness"),
     )
 )]
@@ -59,6 +62,13 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(items::export))
         .routes(routes!(items::usage))
         .routes(routes!(items::memorize_document))
+        .routes(routes!(admin::create_tenant, admin::list_tenants))
+        .routes(routes!(admin::get_tenant))
+        .routes(routes!(admin::set_limits))
+        .routes(routes!(admin::create_key, admin::list_keys))
+        .routes(routes!(admin::revoke_key))
+        .routes(routes!(admin::audit))
+        .routes(routes!(admin::costs))
 }
 
 /// The OpenAPI document of the API (also served at `/openapi.json`).
@@ -78,13 +88,19 @@ pub fn router(service: Arc<MemoryService>, role: Role, with_ops: bool) -> Router
     let mut app = Router::new();
     if role.serves_api() {
         let (api, _) = api_routes().split_for_parts();
-        app = app
-            .merge(api)
+        let api = api
             // memU-server paths, scoped by user_id like the v3 ones.
             .route("/memorize", post(memu::memorize))
             .route("/memorize/status/{task_id}", get(memu::memorize_status))
             .route("/retrieve", post(memu::retrieve))
             .route("/categories", post(memu::categories))
+            // After routing, so the middleware sees the route template (scope and audit).
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::authenticate,
+            ));
+        app = app
+            .merge(api)
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()));
     }
     if with_ops {

@@ -164,7 +164,7 @@ pub async fn memorize(
         .categorization
         .clone()
         .unwrap_or_else(|| extraction.clone());
-    let scope = Scope::new(&task.user_id, Some(task.agent_id.clone()));
+    let scope = Scope::new(task.user(), Some(task.agent_id.clone()));
     let subject = resource
         .user_name()
         .unwrap_or_else(|| "the user".to_string());
@@ -237,6 +237,7 @@ pub async fn memorize(
             |((memory_type, summary, happened_at, segment), embedding)| NewItem {
                 item: MemoryItem {
                     id: Uuid::now_v7(),
+                    tenant_id: scope.tenant_id.clone(),
                     user_id: scope.user_id.clone(),
                     agent_id: scope.agent_id.clone(),
                     resource_id: Some(resource.id),
@@ -270,7 +271,7 @@ pub async fn memorize(
         let near: Vec<MemoryItem> = service
             .store
             .search_items(
-                &scope.user_id,
+                scope.user(),
                 &new.embedding,
                 &filter,
                 config.dedupe_candidates,

@@ -79,14 +79,14 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
     // Keep the lease while the job runs, so another worker never takes it over.
     let heartbeat = {
         let store = service.store.clone();
-        let (id, worker) = (task.id, worker_id.to_string());
+        let (held, worker) = (task.clone(), worker_id.to_string());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(lease / 3);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = store.heartbeat_task(id, &worker, lease).await {
-                    tracing::warn!(error = %e, task_id = %id, "lease heartbeat failed");
+                if let Err(e) = store.heartbeat_task(&held, &worker, lease).await {
+                    tracing::warn!(error = %e, task_id = %held.id, "lease heartbeat failed");
                 }
             }
         })
@@ -94,7 +94,7 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
     let mut session = crate::llm::LlmSession::new(
         &service.metrics,
         &service.config.llm.prices,
-        &task.user_id,
+        task.user(),
         Some(task.id),
         "memorize",
     );
@@ -117,7 +117,7 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
             let stored = service.store.complete_task(&task, outcome).await;
             if stored.is_ok() {
                 service.metrics.memory_items_written.inc_by(written);
-                service.invalidate(&task.user_id).await;
+                service.invalidate(task.user()).await;
             }
             stored.map_err(ServiceError::from)
         }
@@ -180,7 +180,7 @@ pub async fn memorize_offline(
     resource: &Resource,
 ) -> Result<MemorizeOutcome, ServiceError> {
     let config = &service.config.memory;
-    let scope = Scope::new(&task.user_id, Some(task.agent_id.clone()));
+    let scope = Scope::new(task.user(), Some(task.agent_id.clone()));
     let document = resource.modality == Modality::Document;
     let messages = if document {
         document_messages(resource)
@@ -251,6 +251,7 @@ pub async fn memorize_offline(
         .map(|((memory_type, summary, extra), embedding)| NewItem {
             item: MemoryItem {
                 id: Uuid::now_v7(),
+                tenant_id: scope.tenant_id.clone(),
                 user_id: scope.user_id.clone(),
                 agent_id: scope.agent_id.clone(),
                 resource_id: Some(resource.id),
@@ -279,7 +280,7 @@ pub async fn memorize_offline(
     for (category_id, new_items) in &touched {
         let older = service
             .store
-            .category_items(&scope.user_id, *category_id, config.category_summary_items)
+            .category_items(scope.user(), *category_id, config.category_summary_items)
             .await?;
         let lines: Vec<String> = new_items
             .iter()

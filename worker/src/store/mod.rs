@@ -13,8 +13,9 @@ use memu_crds::worker::{CategorySpec, DatabaseBackend, WorkerConfig};
 
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
-    MemoryType, NewItem, Page, Resource, Scope, ScoredItem, Task, UsageTotals,
+    MemoryType, NewItem, Page, Resource, Scope, ScoredItem, Task, UsageTotals, UserRef,
 };
+use crate::tenancy::{ApiKeyRecord, AuditEntry, CostRow, DailyUsage, Tenant, TenantLimits};
 
 pub mod postgres;
 pub mod sqlite;
@@ -53,6 +54,23 @@ pub(crate) fn retry_delay(base: Duration, attempt: u32) -> Duration {
         .min(Duration::from_secs(300))
 }
 
+/// Splits records by tenant, keeping their order (each tenant's rows go in one transaction bound
+/// to that tenant).
+pub(crate) fn group_by_tenant<'a, T>(
+    records: &'a [T],
+    tenant: impl Fn(&'a T) -> &'a String,
+) -> Vec<(&'a str, Vec<&'a T>)> {
+    let mut groups: Vec<(&'a str, Vec<&'a T>)> = Vec::new();
+    for record in records {
+        let id = tenant(record).as_str();
+        match groups.iter_mut().find(|(t, _)| *t == id) {
+            Some((_, members)) => members.push(record),
+            None => groups.push((id, vec![record])),
+        }
+    }
+    groups
+}
+
 /// Maps a unique-key violation to [`StoreError::Duplicate`].
 pub(crate) fn duplicate_or(e: sqlx::Error, what: &str) -> StoreError {
     match &e {
@@ -84,6 +102,7 @@ pub struct EmbeddingSpace {
 /// All of one user's data, for GDPR export.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct UserExport {
+    pub tenant_id: String,
     pub user_id: String,
     pub exported_at: DateTime<Utc>,
     #[schema(value_type = Vec<Object>)]
@@ -96,10 +115,62 @@ pub struct UserExport {
     pub category_items: Vec<serde_json::Value>,
     #[schema(value_type = Vec<Object>)]
     pub tasks: Vec<serde_json::Value>,
+    /// Authenticated requests about this user (the service fills it in).
+    pub audit: Vec<AuditEntry>,
+}
+
+/// Tenants, keys, audit log and cost report: the control records of authentication.
+#[async_trait]
+pub trait AccessStore: Send + Sync + 'static {
+    /// [`StoreError::Duplicate`] when the id is taken.
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<(), StoreError>;
+    async fn get_tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, StoreError>;
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+    async fn set_tenant_limits(
+        &self,
+        tenant_id: &str,
+        limits: &TenantLimits,
+    ) -> Result<Option<Tenant>, StoreError>;
+    /// Stores a key; with `replace`, an existing key of the same id is overwritten (bootstrap).
+    async fn insert_api_key(&self, key: &ApiKeyRecord, replace: bool) -> Result<(), StoreError>;
+    async fn find_api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Revokes a key of the tenant; false when it has no such key.
+    async fn revoke_api_key(&self, tenant_id: &str, key_id: &str) -> Result<bool, StoreError>;
+    async fn touch_api_key(&self, key_id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError>;
+    /// Newest first; only entries about `target_user` when given.
+    async fn list_audit(
+        &self,
+        tenant_id: &str,
+        target_user: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Replaces an erased user's id in the audit log by a pseudonym; returns the entries changed.
+    async fn pseudonymise_audit(
+        &self,
+        user: UserRef<'_>,
+        pseudonym: &str,
+    ) -> Result<u64, StoreError>;
+
+    /// Memorize jobs created and LLM tokens used by the tenant since `since`.
+    async fn tenant_usage_since(
+        &self,
+        tenant_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<DailyUsage, StoreError>;
+    /// LLM cost per day, user, provider and model of the tenant in `[since, until)`.
+    async fn cost_report(
+        &self,
+        tenant_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<CostRow>, StoreError>;
 }
 
 #[async_trait]
-pub trait MemoryStore: Send + Sync + 'static {
+pub trait MemoryStore: AccessStore {
     fn backend(&self) -> &'static str;
 
     /// Applies pending migrations and creates the vector columns and indexes for the space.
@@ -119,10 +190,14 @@ pub trait MemoryStore: Send + Sync + 'static {
         idempotency_key: Option<&str>,
     ) -> Result<(), StoreError>;
     /// The task a memorize with this idempotency key created.
-    async fn find_task_by_key(&self, user_id: &str, key: &str) -> Result<Option<Task>, StoreError>;
-    /// Puts a FAILED task back in the queue with a fresh attempt budget; None when the task is
-    /// unknown or not FAILED.
-    async fn retry_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError>;
+    async fn find_task_by_key(
+        &self,
+        user: UserRef<'_>,
+        key: &str,
+    ) -> Result<Option<Task>, StoreError>;
+    /// Puts a FAILED task of the tenant back in the queue with a fresh attempt budget; None when
+    /// the tenant has no such task or it is not FAILED.
+    async fn retry_task(&self, tenant_id: &str, task_id: Uuid) -> Result<Option<Task>, StoreError>;
     /// Queue figures for autoscaling.
     async fn queue_stats(&self) -> Result<QueueStats, StoreError>;
     /// Takes the oldest runnable task (PENDING, or PROCESSING with an expired lease).
@@ -134,7 +209,7 @@ pub trait MemoryStore: Send + Sync + 'static {
     /// Extends the lease of a task this worker holds.
     async fn heartbeat_task(
         &self,
-        task_id: Uuid,
+        task: &Task,
         worker_id: &str,
         lease: Duration,
     ) -> Result<(), StoreError>;
@@ -152,7 +227,8 @@ pub trait MemoryStore: Send + Sync + 'static {
     /// Records a failure: back to PENDING when `retry`, else FAILED for good (ignored when
     /// the claim was taken over, like `complete_task`).
     async fn fail_task(&self, task: &Task, error: &str, retry: bool) -> Result<(), StoreError>;
-    async fn get_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError>;
+    /// A task of the tenant (None for another tenant's id).
+    async fn get_task(&self, tenant_id: &str, task_id: Uuid) -> Result<Option<Task>, StoreError>;
 
     /// Creates the scope's missing categories (embeddings given) and returns all of them.
     async fn ensure_categories(
@@ -164,7 +240,7 @@ pub trait MemoryStore: Send + Sync + 'static {
     /// Newest items of a category, for summaries.
     async fn category_items(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         category_id: Uuid,
         limit: usize,
     ) -> Result<Vec<MemoryItem>, StoreError>;
@@ -172,7 +248,7 @@ pub trait MemoryStore: Send + Sync + 'static {
     /// The `k` items of the user nearest to `query` (unit-length) that pass the filter.
     async fn search_items(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         query: &[f32],
         filter: &ItemFilter,
         k: usize,
@@ -181,7 +257,7 @@ pub trait MemoryStore: Send + Sync + 'static {
     /// score is the backend's text rank (higher is better), comparable only within one answer.
     async fn search_text(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         query: &str,
         filter: &ItemFilter,
         k: usize,
@@ -189,21 +265,22 @@ pub trait MemoryStore: Send + Sync + 'static {
     /// Newest first; `cursor` comes from the previous page.
     async fn list_items(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         filter: &ItemFilter,
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<MemoryItem>, StoreError>;
-    async fn get_item(&self, user_id: &str, id: Uuid) -> Result<Option<MemoryItem>, StoreError>;
+    async fn get_item(&self, user: UserRef<'_>, id: Uuid)
+    -> Result<Option<MemoryItem>, StoreError>;
     /// Inserts one item (creating the user if new).
     async fn insert_item(&self, item: &NewItem) -> Result<(), StoreError>;
     async fn update_item(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         id: Uuid,
         patch: &ItemPatch,
     ) -> Result<Option<MemoryItem>, StoreError>;
-    async fn delete_item(&self, user_id: &str, id: Uuid) -> Result<bool, StoreError>;
+    async fn delete_item(&self, user: UserRef<'_>, id: Uuid) -> Result<bool, StoreError>;
     /// Id of an item of the scope with exactly this type and text, if any (cheap dedupe).
     async fn find_identical_item(
         &self,
@@ -211,21 +288,24 @@ pub trait MemoryStore: Send + Sync + 'static {
         memory_type: MemoryType,
         summary: &str,
     ) -> Result<Option<Uuid>, StoreError>;
-    async fn get_resources(&self, user_id: &str, ids: &[Uuid])
-    -> Result<Vec<Resource>, StoreError>;
+    async fn get_resources(
+        &self,
+        user: UserRef<'_>,
+        ids: &[Uuid],
+    ) -> Result<Vec<Resource>, StoreError>;
 
     /// Removes every row of the user (or of one agent of the user).
     async fn delete_user(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         agent_id: Option<&str>,
     ) -> Result<DeletedCounts, StoreError>;
-    async fn export_user(&self, user_id: &str) -> Result<UserExport, StoreError>;
+    async fn export_user(&self, user: UserRef<'_>) -> Result<UserExport, StoreError>;
 
     /// Appends to the LLM cost log.
     async fn record_llm_usage(&self, calls: &[LlmUsage]) -> Result<(), StoreError>;
     /// The user's LLM calls, totalled per operation, provider and model.
-    async fn llm_usage_totals(&self, user_id: &str) -> Result<Vec<UsageTotals>, StoreError>;
+    async fn llm_usage_totals(&self, user: UserRef<'_>) -> Result<Vec<UsageTotals>, StoreError>;
 }
 
 /// Words of a full-text query: letters and digits only (so no query syntax gets through),
@@ -279,18 +359,21 @@ pub(crate) fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), Store
 pub(crate) type CountSlot = fn(&mut DeletedCounts) -> &mut u64;
 
 /// The statements that erase a user's rows (or one agent's), children first so the counts are
-/// exact whatever cascades exist. `$1` is the user and `$2` the agent: SQLite reads `$n` as a
-/// named parameter numbered by first appearance, so one text serves both stores.
+/// exact whatever cascades exist. `$1` is the tenant, `$2` the user and `$3` the agent, always
+/// first used in that order: SQLite reads `$n` as a named parameter numbered by first
+/// appearance, so one text serves both stores.
 pub(crate) fn erase_statements(by_agent: bool) -> Vec<(String, Option<CountSlot>)> {
     let scoped = |table: &str| match by_agent {
-        true => format!("DELETE FROM {table} WHERE user_id = $1 AND agent_id = $2"),
-        false => format!("DELETE FROM {table} WHERE user_id = $1"),
+        true => {
+            format!("DELETE FROM {table} WHERE tenant_id = $1 AND user_id = $2 AND agent_id = $3")
+        }
+        false => format!("DELETE FROM {table} WHERE tenant_id = $1 AND user_id = $2"),
     };
     let links = match by_agent {
-        true => "DELETE FROM category_items WHERE user_id = $1 AND memory_item_id IN \
-                 (SELECT id FROM memory_items WHERE user_id = $1 AND agent_id = $2)"
+        true => "DELETE FROM category_items WHERE tenant_id = $1 AND user_id = $2 AND memory_item_id IN \
+                 (SELECT id FROM memory_items WHERE tenant_id = $1 AND user_id = $2 AND agent_id = $3)"
             .to_string(),
-        false => "DELETE FROM category_items WHERE user_id = $1".to_string(),
+        false => "DELETE FROM category_items WHERE tenant_id = $1 AND user_id = $2".to_string(),
     };
     let mut statements: Vec<(String, Option<CountSlot>)> = vec![
         (links, None),
@@ -300,8 +383,8 @@ pub(crate) fn erase_statements(by_agent: bool) -> Vec<(String, Option<CountSlot>
         (scoped("resources"), Some(|c| &mut c.resources)),
     ];
     if !by_agent {
-        statements.push(("DELETE FROM llm_usage WHERE user_id = $1".to_string(), None));
-        statements.push(("DELETE FROM users WHERE user_id = $1".to_string(), None));
+        statements.push((scoped("llm_usage"), None));
+        statements.push((scoped("users"), None));
     }
     statements
 }

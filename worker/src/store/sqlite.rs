@@ -16,13 +16,17 @@ use memu_crds::worker::{CategorySpec, WorkerConfig};
 
 use super::vector_index::{RowMeta, UserIndexes};
 use super::{
-    EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport, check_space,
-    decode_cursor, duplicate_or, encode_cursor, erase_statements, text_query_terms,
+    AccessStore, EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport,
+    check_space, decode_cursor, duplicate_or, encode_cursor, erase_statements, text_query_terms,
 };
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
     MemoryType, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
-    UsageTotals,
+    UsageTotals, UserRef,
+};
+use crate::tenancy::{
+    ApiKeyRecord, AuditEntry, CostRow, DailyUsage, Tenant, TenantLimits, parse_scopes,
+    scopes_to_text,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -68,6 +72,7 @@ fn item_from_row(row: &SqliteRow) -> Result<MemoryItem, StoreError> {
     let extra: String = row.try_get("extra")?;
     Ok(MemoryItem {
         id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
         user_id: row.try_get("user_id")?,
         agent_id: row.try_get("agent_id")?,
         resource_id: resource_id.and_then(|r| Uuid::parse_str(&r).ok()),
@@ -87,6 +92,7 @@ fn category_from_row(row: &SqliteRow) -> Result<Category, StoreError> {
     let embedding: Vec<u8> = row.try_get("embedding")?;
     Ok(Category {
         id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
         user_id: row.try_get("user_id")?,
         agent_id: row.try_get("agent_id")?,
         name: row.try_get("name")?,
@@ -101,6 +107,7 @@ fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
     let status: String = row.try_get("status")?;
     Ok(Task {
         id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
         user_id: row.try_get("user_id")?,
         agent_id: row.try_get("agent_id")?,
         resource_id: uuid_col(row, "resource_id")?,
@@ -123,6 +130,7 @@ fn resource_from_row(row: &SqliteRow) -> Result<Resource, StoreError> {
     let content: String = row.try_get("content")?;
     Ok(Resource {
         id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
         user_id: row.try_get("user_id")?,
         agent_id: row.try_get("agent_id")?,
         modality: Modality::parse(&modality)
@@ -134,6 +142,11 @@ fn resource_from_row(row: &SqliteRow) -> Result<Resource, StoreError> {
     })
 }
 
+/// Key of a user's vectors in the in-process index.
+fn index_key(user: UserRef<'_>) -> String {
+    format!("{}\u{0}{}", user.tenant_id, user.user_id)
+}
+
 fn row_meta(item: &MemoryItem) -> RowMeta {
     RowMeta {
         agent_id: item.agent_id.as_str().into(),
@@ -142,7 +155,7 @@ fn row_meta(item: &MemoryItem) -> RowMeta {
     }
 }
 
-const ITEM_COLUMNS: &str = "user_id, id, agent_id, resource_id, memory_type, summary, happened_at, \
+const ITEM_COLUMNS: &str = "tenant_id, user_id, id, agent_id, resource_id, memory_type, summary, happened_at, \
                             created_at, updated_at, extra";
 
 impl SqliteStore {
@@ -196,10 +209,10 @@ impl SqliteStore {
     /// Loads the user's vectors into the in-process index unless cached.
     async fn user_index(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
     ) -> Result<std::sync::Arc<tokio::sync::RwLock<super::vector_index::UserVectors>>, StoreError>
     {
-        let entry = self.index.entry(user_id);
+        let entry = self.index.entry(&index_key(user));
         if entry.read().await.is_loaded() {
             return Ok(entry);
         }
@@ -207,9 +220,10 @@ impl SqliteStore {
         if !vectors.is_loaded() {
             let rows = sqlx::query(
                 "SELECT id, agent_id, memory_type, happened_at, created_at, embedding \
-                 FROM memory_items WHERE user_id = ?",
+                 FROM memory_items WHERE tenant_id = ? AND user_id = ?",
             )
-            .bind(user_id)
+            .bind(user.tenant_id)
+            .bind(user.user_id)
             .fetch_all(&self.pool)
             .await?;
             for row in rows {
@@ -236,7 +250,7 @@ impl SqliteStore {
 
     async fn index_upsert(&self, items: &[NewItem]) {
         for new in items {
-            if let Some(entry) = self.index.cached(&new.item.user_id) {
+            if let Some(entry) = self.index.cached(&index_key(new.item.user())) {
                 entry
                     .write()
                     .await
@@ -252,10 +266,11 @@ impl SqliteStore {
         for new in items {
             let item = &new.item;
             sqlx::query(
-                "INSERT INTO memory_items (user_id, id, agent_id, resource_id, memory_type, summary, \
-                 happened_at, created_at, updated_at, extra, embedding) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO memory_items (tenant_id, user_id, id, agent_id, resource_id, memory_type, \
+                 summary, happened_at, created_at, updated_at, extra, embedding) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
+            .bind(&item.tenant_id)
             .bind(&item.user_id)
             .bind(item.id.to_string())
             .bind(&item.agent_id)
@@ -275,14 +290,15 @@ impl SqliteStore {
 
     async fn upsert_user(
         tx: &mut sqlx::SqliteConnection,
-        user_id: &str,
+        user: UserRef<'_>,
         user_name: Option<&str>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO users (user_id, user_name, created_at) VALUES (?, ?, ?) \
-             ON CONFLICT (user_id) DO UPDATE SET user_name = COALESCE(excluded.user_name, users.user_name)",
+            "INSERT INTO users (tenant_id, user_id, user_name, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (tenant_id, user_id) DO UPDATE SET user_name = COALESCE(excluded.user_name, users.user_name)",
         )
-        .bind(user_id)
+        .bind(user.tenant_id)
+        .bind(user.user_id)
         .bind(user_name)
         .bind(micros(Utc::now()))
         .execute(&mut *tx)
@@ -312,13 +328,15 @@ impl SqliteStore {
         }
     }
 
+    /// Rows of one user as JSON objects; `sql` binds the tenant, then the user.
     async fn rows_as_json(
         &self,
         sql: &str,
-        user_id: &str,
+        user: UserRef<'_>,
     ) -> Result<Vec<serde_json::Value>, StoreError> {
         let rows: Vec<(String,)> = sqlx::query_as(AssertSqlSafe(sql.to_string()))
-            .bind(user_id)
+            .bind(user.tenant_id)
+            .bind(user.user_id)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -397,11 +415,12 @@ impl MemoryStore for SqliteStore {
         idempotency_key: Option<&str>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        Self::upsert_user(&mut tx, &resource.user_id, user_name).await?;
+        Self::upsert_user(&mut tx, resource.user(), user_name).await?;
         sqlx::query(
-            "INSERT INTO resources (user_id, id, agent_id, modality, content_hash, content, caption, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO resources (tenant_id, user_id, id, agent_id, modality, content_hash, content, caption, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
+        .bind(&resource.tenant_id)
         .bind(&resource.user_id)
         .bind(resource.id.to_string())
         .bind(&resource.agent_id)
@@ -413,9 +432,10 @@ impl MemoryStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO memorize_tasks (user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key) \
-             VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+            "INSERT INTO memorize_tasks (tenant_id, user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key) \
+             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
         )
+        .bind(&task.tenant_id)
         .bind(&task.user_id)
         .bind(task.id.to_string())
         .bind(&task.agent_id)
@@ -437,10 +457,12 @@ impl MemoryStore for SqliteStore {
     ) -> Result<Option<Task>, StoreError> {
         sqlx::query(
             "SELECT t.* FROM memorize_tasks t JOIN resources r \
-               ON r.user_id = t.user_id AND r.id = t.resource_id \
-             WHERE r.user_id = ? AND r.agent_id = ? AND r.content_hash = ? AND t.status <> 'FAILED' \
+               ON r.tenant_id = t.tenant_id AND r.user_id = t.user_id AND r.id = t.resource_id \
+             WHERE r.tenant_id = ? AND r.user_id = ? AND r.agent_id = ? AND r.content_hash = ? \
+               AND t.status <> 'FAILED' \
              ORDER BY t.created_at DESC LIMIT 1",
         )
+        .bind(&scope.tenant_id)
         .bind(&scope.user_id)
         .bind(&scope.agent_id)
         .bind(content_hash)
@@ -450,9 +472,16 @@ impl MemoryStore for SqliteStore {
         .transpose()
     }
 
-    async fn find_task_by_key(&self, user_id: &str, key: &str) -> Result<Option<Task>, StoreError> {
-        sqlx::query("SELECT * FROM memorize_tasks WHERE user_id = ? AND idempotency_key = ?")
-            .bind(user_id)
+    async fn find_task_by_key(
+        &self,
+        user: UserRef<'_>,
+        key: &str,
+    ) -> Result<Option<Task>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM memorize_tasks WHERE tenant_id = ? AND user_id = ? AND idempotency_key = ?",
+        )
+        .bind(user.tenant_id)
+        .bind(user.user_id)
             .bind(key)
             .fetch_optional(&self.pool)
             .await?
@@ -460,12 +489,13 @@ impl MemoryStore for SqliteStore {
             .transpose()
     }
 
-    async fn retry_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
+    async fn retry_task(&self, tenant_id: &str, task_id: Uuid) -> Result<Option<Task>, StoreError> {
         sqlx::query(
             "UPDATE memorize_tasks SET status = 'PENDING', attempts = 0, error = NULL, \
              completed_at = NULL, lease_until = NULL, worker_id = NULL, not_before = NULL \
-             WHERE id = ? AND status = 'FAILED' RETURNING *",
+             WHERE tenant_id = ? AND id = ? AND status = 'FAILED' RETURNING *",
         )
+        .bind(tenant_id)
         .bind(task_id.to_string())
         .fetch_optional(&self.pool)
         .await?
@@ -503,7 +533,8 @@ impl MemoryStore for SqliteStore {
              WHERE id = (SELECT t.id FROM memorize_tasks t \
                  WHERE ((t.status = 'PENDING' AND (t.not_before IS NULL OR t.not_before <= ?3)) \
                         OR (t.status = 'PROCESSING' AND t.lease_until < ?3)) \
-                   AND NOT EXISTS (SELECT 1 FROM memorize_tasks o WHERE o.user_id = t.user_id \
+                   AND NOT EXISTS (SELECT 1 FROM memorize_tasks o WHERE o.tenant_id = t.tenant_id \
+                       AND o.user_id = t.user_id \
                        AND o.id <> t.id AND ((o.status = 'PROCESSING' AND o.lease_until >= ?3) \
                            OR (o.status = 'PENDING' AND o.created_at < t.created_at))) \
                  ORDER BY t.created_at LIMIT 1) \
@@ -516,27 +547,33 @@ impl MemoryStore for SqliteStore {
         .await?;
         let Some(row) = row else { return Ok(None) };
         let task = task_from_row(&row)?;
-        let resource = sqlx::query("SELECT * FROM resources WHERE user_id = ? AND id = ?")
-            .bind(&task.user_id)
-            .bind(task.resource_id.to_string())
-            .fetch_one(&self.pool)
-            .await?;
+        let resource =
+            sqlx::query("SELECT * FROM resources WHERE tenant_id = ? AND user_id = ? AND id = ?")
+                .bind(&task.tenant_id)
+                .bind(&task.user_id)
+                .bind(task.resource_id.to_string())
+                .fetch_one(&self.pool)
+                .await?;
         Ok(Some((task, resource_from_row(&resource)?)))
     }
 
     async fn heartbeat_task(
         &self,
-        task_id: Uuid,
+        task: &Task,
         worker_id: &str,
         lease: Duration,
     ) -> Result<(), StoreError> {
         let until = micros(Utc::now()) + lease.as_micros() as i64;
-        sqlx::query("UPDATE memorize_tasks SET lease_until = ? WHERE id = ? AND worker_id = ? AND status = 'PROCESSING'")
-            .bind(until)
-            .bind(task_id.to_string())
-            .bind(worker_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE memorize_tasks SET lease_until = ? \
+             WHERE tenant_id = ? AND id = ? AND worker_id = ? AND status = 'PROCESSING'",
+        )
+        .bind(until)
+        .bind(&task.tenant_id)
+        .bind(task.id.to_string())
+        .bind(worker_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -548,24 +585,26 @@ impl MemoryStore for SqliteStore {
             let item = &revision.item;
             sqlx::query(
                 "UPDATE memory_items SET summary = ?, embedding = ?, extra = ?, happened_at = ?, \
-                 updated_at = ? WHERE user_id = ? AND id = ?",
+                 updated_at = ? WHERE tenant_id = ? AND user_id = ? AND id = ?",
             )
             .bind(&item.summary)
             .bind(encode_vector(&revision.embedding))
             .bind(item.extra.to_string())
             .bind(item.happened_at.map(micros))
             .bind(micros(item.updated_at))
-            .bind(&item.user_id)
+            .bind(&task.tenant_id)
+            .bind(&task.user_id)
             .bind(item.id.to_string())
             .execute(&mut *tx)
             .await?;
         }
         for link in &outcome.links {
             sqlx::query(
-                "INSERT INTO category_items (user_id, memory_item_id, category_id, confidence) \
-                 VALUES (?, ?, ?, ?) ON CONFLICT (user_id, memory_item_id, category_id) \
+                "INSERT INTO category_items (tenant_id, user_id, memory_item_id, category_id, confidence) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, user_id, memory_item_id, category_id) \
                  DO UPDATE SET confidence = excluded.confidence",
             )
+            .bind(&task.tenant_id)
             .bind(&task.user_id)
             .bind(link.item_id.to_string())
             .bind(link.category_id.to_string())
@@ -574,28 +613,36 @@ impl MemoryStore for SqliteStore {
             .await?;
         }
         for update in &outcome.category_updates {
-            sqlx::query("UPDATE memory_categories SET summary = ?, embedding = ?, updated_at = ? WHERE user_id = ? AND id = ?")
-                .bind(&update.summary)
-                .bind(encode_vector(&update.embedding))
-                .bind(now)
-                .bind(&task.user_id)
-                .bind(update.category_id.to_string())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE memory_categories SET summary = ?, embedding = ?, updated_at = ? \
+                 WHERE tenant_id = ? AND user_id = ? AND id = ?",
+            )
+            .bind(&update.summary)
+            .bind(encode_vector(&update.embedding))
+            .bind(now)
+            .bind(&task.tenant_id)
+            .bind(&task.user_id)
+            .bind(update.category_id.to_string())
+            .execute(&mut *tx)
+            .await?;
         }
         if let Some(caption) = &outcome.resource_caption {
-            sqlx::query("UPDATE resources SET caption = ? WHERE user_id = ? AND id = ?")
-                .bind(caption)
-                .bind(&task.user_id)
-                .bind(task.resource_id.to_string())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE resources SET caption = ? WHERE tenant_id = ? AND user_id = ? AND id = ?",
+            )
+            .bind(caption)
+            .bind(&task.tenant_id)
+            .bind(&task.user_id)
+            .bind(task.resource_id.to_string())
+            .execute(&mut *tx)
+            .await?;
         }
         let done = sqlx::query(
             "UPDATE memorize_tasks SET status = 'SUCCESS', completed_at = ?, error = NULL, lease_until = NULL \
-             WHERE id = ? AND status = 'PROCESSING' AND attempts = ?",
+             WHERE tenant_id = ? AND id = ? AND status = 'PROCESSING' AND attempts = ?",
         )
         .bind(now)
+        .bind(&task.tenant_id)
         .bind(task.id.to_string())
         .bind(task.attempts as i64)
         .execute(&mut *tx)
@@ -615,12 +662,14 @@ impl MemoryStore for SqliteStore {
         let now = micros(Utc::now());
         sqlx::query(
             "UPDATE memorize_tasks SET status = ?, error = ?, lease_until = NULL, worker_id = NULL, \
-             completed_at = ?, not_before = ? WHERE id = ? AND status = 'PROCESSING' AND attempts = ?",
+             completed_at = ?, not_before = ? \
+             WHERE tenant_id = ? AND id = ? AND status = 'PROCESSING' AND attempts = ?",
         )
         .bind(if retry { "PENDING" } else { "FAILED" })
         .bind(error)
         .bind(if retry { None } else { Some(now) })
         .bind(retry.then(|| now + super::retry_delay(self.retry_backoff, task.attempts).as_micros() as i64))
+        .bind(&task.tenant_id)
         .bind(task.id.to_string())
         .bind(task.attempts as i64)
         .execute(&self.pool)
@@ -628,8 +677,9 @@ impl MemoryStore for SqliteStore {
         Ok(())
     }
 
-    async fn get_task(&self, task_id: Uuid) -> Result<Option<Task>, StoreError> {
-        sqlx::query("SELECT * FROM memorize_tasks WHERE id = ?")
+    async fn get_task(&self, tenant_id: &str, task_id: Uuid) -> Result<Option<Task>, StoreError> {
+        sqlx::query("SELECT * FROM memorize_tasks WHERE tenant_id = ? AND id = ?")
+            .bind(tenant_id)
             .bind(task_id.to_string())
             .fetch_optional(&self.pool)
             .await?
@@ -644,13 +694,14 @@ impl MemoryStore for SqliteStore {
     ) -> Result<Vec<Category>, StoreError> {
         let now = micros(Utc::now());
         let mut tx = self.pool.begin().await?;
-        Self::upsert_user(&mut tx, &scope.user_id, None).await?;
+        Self::upsert_user(&mut tx, scope.user(), None).await?;
         for (i, (spec, embedding)) in specs.iter().enumerate() {
             sqlx::query(
                 "INSERT OR IGNORE INTO memory_categories \
-                 (user_id, id, agent_id, name, description, summary, embedding, created_at, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, '', ?, ?, ?)",
+                 (tenant_id, user_id, id, agent_id, name, description, summary, embedding, created_at, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, '', ?, ?, ?)",
             )
+            .bind(&scope.tenant_id)
             .bind(&scope.user_id)
             .bind(Uuid::new_v4().to_string())
             .bind(&scope.agent_id)
@@ -667,29 +718,34 @@ impl MemoryStore for SqliteStore {
     }
 
     async fn list_categories(&self, scope: &Scope) -> Result<Vec<Category>, StoreError> {
-        sqlx::query("SELECT * FROM memory_categories WHERE user_id = ? AND agent_id = ? ORDER BY created_at, name")
-            .bind(&scope.user_id)
-            .bind(&scope.agent_id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(category_from_row)
-            .collect()
+        sqlx::query(
+            "SELECT * FROM memory_categories WHERE tenant_id = ? AND user_id = ? AND agent_id = ? \
+             ORDER BY created_at, name",
+        )
+        .bind(&scope.tenant_id)
+        .bind(&scope.user_id)
+        .bind(&scope.agent_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(category_from_row)
+        .collect()
     }
 
     async fn category_items(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         category_id: Uuid,
         limit: usize,
     ) -> Result<Vec<MemoryItem>, StoreError> {
         sqlx::query(
             "SELECT m.* FROM memory_items m JOIN category_items c \
-               ON c.user_id = m.user_id AND c.memory_item_id = m.id \
-             WHERE m.user_id = ? AND c.category_id = ? \
+               ON c.tenant_id = m.tenant_id AND c.user_id = m.user_id AND c.memory_item_id = m.id \
+             WHERE m.tenant_id = ? AND m.user_id = ? AND c.category_id = ? \
              ORDER BY COALESCE(m.happened_at, m.created_at) DESC, m.id DESC LIMIT ?",
         )
-        .bind(user_id)
+        .bind(user.tenant_id)
+        .bind(user.user_id)
         .bind(category_id.to_string())
         .bind(limit as i64)
         .fetch_all(&self.pool)
@@ -701,7 +757,7 @@ impl MemoryStore for SqliteStore {
 
     async fn search_items(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         query: &[f32],
         filter: &ItemFilter,
         k: usize,
@@ -713,15 +769,18 @@ impl MemoryStore for SqliteStore {
                 self.space.dimension
             )));
         }
-        let entry = self.user_index(user_id).await?;
+        let entry = self.user_index(user).await?;
         let hits = entry.read().await.search(query, filter, k);
         if hits.is_empty() {
             return Ok(Vec::new());
         }
         let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = "
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE tenant_id = "
         ));
-        qb.push_bind(user_id).push(" AND id IN (");
+        qb.push_bind(user.tenant_id)
+            .push(" AND user_id = ")
+            .push_bind(user.user_id)
+            .push(" AND id IN (");
         let mut sep = qb.separated(", ");
         for (id, _) in &hits {
             sep.push_bind(id.to_string());
@@ -740,7 +799,7 @@ impl MemoryStore for SqliteStore {
 
     async fn search_text(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         query: &str,
         filter: &ItemFilter,
         k: usize,
@@ -763,11 +822,14 @@ impl MemoryStore for SqliteStore {
         // The filter is applied to the rows read; read enough that it rarely starves the answer.
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {columns}, bm25(memory_fts) AS rank FROM memory_fts \
-             JOIN memory_items m ON m.user_id = memory_fts.user_id AND m.id = memory_fts.item_id \
-             WHERE memory_fts MATCH ? AND memory_fts.user_id = ? ORDER BY rank LIMIT ?"
+             JOIN memory_items m ON m.rowid = memory_fts.rowid \
+             WHERE memory_fts MATCH ? AND memory_fts.user_id = ? AND m.tenant_id = ? AND m.user_id = ? \
+             ORDER BY rank LIMIT ?"
         )))
         .bind(expression)
-        .bind(user_id)
+        .bind(user.user_id)
+        .bind(user.tenant_id)
+        .bind(user.user_id)
         .bind((k * 4 + 32) as i64)
         .fetch_all(&self.pool)
         .await?;
@@ -792,15 +854,17 @@ impl MemoryStore for SqliteStore {
 
     async fn list_items(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         filter: &ItemFilter,
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<MemoryItem>, StoreError> {
         let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = "
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE tenant_id = "
         ));
-        qb.push_bind(user_id.to_string());
+        qb.push_bind(user.tenant_id.to_string())
+            .push(" AND user_id = ")
+            .push_bind(user.user_id.to_string());
         Self::push_filter(&mut qb, filter);
         if let Some(cursor) = cursor {
             let (at, id) = decode_cursor(cursor)?;
@@ -826,11 +890,16 @@ impl MemoryStore for SqliteStore {
         Ok(Page { items, next_cursor })
     }
 
-    async fn get_item(&self, user_id: &str, id: Uuid) -> Result<Option<MemoryItem>, StoreError> {
+    async fn get_item(
+        &self,
+        user: UserRef<'_>,
+        id: Uuid,
+    ) -> Result<Option<MemoryItem>, StoreError> {
         sqlx::query(AssertSqlSafe(format!(
-            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE user_id = ? AND id = ?"
+            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE tenant_id = ? AND user_id = ? AND id = ?"
         )))
-        .bind(user_id)
+        .bind(user.tenant_id)
+        .bind(user.user_id)
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?
@@ -840,7 +909,7 @@ impl MemoryStore for SqliteStore {
 
     async fn insert_item(&self, item: &NewItem) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        Self::upsert_user(&mut tx, &item.item.user_id, None).await?;
+        Self::upsert_user(&mut tx, item.item.user(), None).await?;
         Self::insert_items_tx(&mut tx, std::slice::from_ref(item)).await?;
         tx.commit().await?;
         self.index_upsert(std::slice::from_ref(item)).await;
@@ -849,7 +918,7 @@ impl MemoryStore for SqliteStore {
 
     async fn update_item(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         id: Uuid,
         patch: &ItemPatch,
     ) -> Result<Option<MemoryItem>, StoreError> {
@@ -871,8 +940,10 @@ impl MemoryStore for SqliteStore {
         if let Some(extra) = &patch.extra {
             qb.push(", extra = ").push_bind(extra.to_string());
         }
-        qb.push(" WHERE user_id = ")
-            .push_bind(user_id.to_string())
+        qb.push(" WHERE tenant_id = ")
+            .push_bind(user.tenant_id.to_string())
+            .push(" AND user_id = ")
+            .push_bind(user.user_id.to_string())
             .push(" AND id = ")
             .push_bind(id.to_string())
             .push(format!(" RETURNING {ITEM_COLUMNS}"));
@@ -880,7 +951,7 @@ impl MemoryStore for SqliteStore {
             return Ok(None);
         };
         let item = item_from_row(&row)?;
-        if let Some(entry) = self.index.cached(user_id) {
+        if let Some(entry) = self.index.cached(&index_key(user)) {
             let mut vectors = entry.write().await;
             match &patch.embedding {
                 Some(embedding) => vectors.upsert(id, row_meta(&item), embedding),
@@ -890,13 +961,15 @@ impl MemoryStore for SqliteStore {
         Ok(Some(item))
     }
 
-    async fn delete_item(&self, user_id: &str, id: Uuid) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM memory_items WHERE user_id = ? AND id = ?")
-            .bind(user_id)
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
-        if let Some(entry) = self.index.cached(user_id) {
+    async fn delete_item(&self, user: UserRef<'_>, id: Uuid) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("DELETE FROM memory_items WHERE tenant_id = ? AND user_id = ? AND id = ?")
+                .bind(user.tenant_id)
+                .bind(user.user_id)
+                .bind(id.to_string())
+                .execute(&self.pool)
+                .await?;
+        if let Some(entry) = self.index.cached(&index_key(user)) {
             entry.write().await.remove(id);
         }
         Ok(done.rows_affected() == 1)
@@ -909,8 +982,10 @@ impl MemoryStore for SqliteStore {
         summary: &str,
     ) -> Result<Option<Uuid>, StoreError> {
         let row: Option<(String,)> = sqlx::query_as(
-            "SELECT id FROM memory_items WHERE user_id = ? AND agent_id = ? AND memory_type = ? AND summary = ? LIMIT 1",
+            "SELECT id FROM memory_items WHERE tenant_id = ? AND user_id = ? AND agent_id = ? \
+             AND memory_type = ? AND summary = ? LIMIT 1",
         )
+        .bind(&scope.tenant_id)
         .bind(&scope.user_id)
         .bind(&scope.agent_id)
         .bind(memory_type.as_str())
@@ -922,14 +997,17 @@ impl MemoryStore for SqliteStore {
 
     async fn get_resources(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         ids: &[Uuid],
     ) -> Result<Vec<Resource>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM resources WHERE user_id = ");
-        qb.push_bind(user_id.to_string()).push(" AND id IN (");
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM resources WHERE tenant_id = ");
+        qb.push_bind(user.tenant_id.to_string())
+            .push(" AND user_id = ")
+            .push_bind(user.user_id.to_string())
+            .push(" AND id IN (");
         let mut sep = qb.separated(", ");
         for id in ids {
             sep.push_bind(id.to_string());
@@ -945,13 +1023,15 @@ impl MemoryStore for SqliteStore {
 
     async fn delete_user(
         &self,
-        user_id: &str,
+        user: UserRef<'_>,
         agent_id: Option<&str>,
     ) -> Result<DeletedCounts, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut counts = DeletedCounts::default();
         for (sql, slot) in erase_statements(agent_id.is_some()) {
-            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(user_id);
+            let mut query = sqlx::query(AssertSqlSafe(sql))
+                .bind(user.tenant_id)
+                .bind(user.user_id);
             if let Some(agent) = agent_id {
                 query = query.bind(agent);
             }
@@ -961,36 +1041,38 @@ impl MemoryStore for SqliteStore {
             }
         }
         tx.commit().await?;
-        self.index.forget(user_id);
+        self.index.forget(&index_key(user));
         Ok(counts)
     }
 
-    async fn export_user(&self, user_id: &str) -> Result<UserExport, StoreError> {
+    async fn export_user(&self, user: UserRef<'_>) -> Result<UserExport, StoreError> {
         let ts =
             |col: &str| format!("strftime('%Y-%m-%dT%H:%M:%fZ', {col} / 1000000.0, 'unixepoch')");
         Ok(UserExport {
-            user_id: user_id.to_string(),
+            tenant_id: user.tenant_id.to_string(),
+            user_id: user.user_id.to_string(),
             exported_at: Utc::now(),
             resources: self.rows_as_json(&format!(
                 "SELECT json_object('id', id, 'agent_id', agent_id, 'modality', modality, 'content_hash', content_hash, \
-                 'content', json(content), 'caption', caption, 'created_at', {}) FROM resources WHERE user_id = ? ORDER BY created_at",
-                ts("created_at")), user_id).await?,
+                 'content', json(content), 'caption', caption, 'created_at', {}) FROM resources WHERE tenant_id = ? AND user_id = ? ORDER BY created_at",
+                ts("created_at")), user).await?,
             memory_items: self.rows_as_json(&format!(
                 "SELECT json_object('id', id, 'agent_id', agent_id, 'resource_id', resource_id, 'memory_type', memory_type, \
                  'summary', summary, 'happened_at', CASE WHEN happened_at IS NULL THEN NULL ELSE {} END, 'created_at', {}, \
-                 'updated_at', {}, 'extra', json(extra)) FROM memory_items WHERE user_id = ? ORDER BY created_at",
-                ts("happened_at"), ts("created_at"), ts("updated_at")), user_id).await?,
+                 'updated_at', {}, 'extra', json(extra)) FROM memory_items WHERE tenant_id = ? AND user_id = ? ORDER BY created_at",
+                ts("happened_at"), ts("created_at"), ts("updated_at")), user).await?,
             categories: self.rows_as_json(&format!(
                 "SELECT json_object('id', id, 'agent_id', agent_id, 'name', name, 'description', description, \
-                 'summary', summary, 'updated_at', {}) FROM memory_categories WHERE user_id = ? ORDER BY created_at",
-                ts("updated_at")), user_id).await?,
+                 'summary', summary, 'updated_at', {}) FROM memory_categories WHERE tenant_id = ? AND user_id = ? ORDER BY created_at",
+                ts("updated_at")), user).await?,
             category_items: self.rows_as_json(
                 "SELECT json_object('memory_item_id', memory_item_id, 'category_id', category_id, 'confidence', confidence) \
-                 FROM category_items WHERE user_id = ?", user_id).await?,
+                 FROM category_items WHERE tenant_id = ? AND user_id = ?", user).await?,
             tasks: self.rows_as_json(&format!(
                 "SELECT json_object('task_id', id, 'agent_id', agent_id, 'resource_id', resource_id, 'status', status, \
-                 'attempts', attempts, 'error', error, 'created_at', {}) FROM memorize_tasks WHERE user_id = ? ORDER BY created_at",
-                ts("created_at")), user_id).await?,
+                 'attempts', attempts, 'error', error, 'created_at', {}) FROM memorize_tasks WHERE tenant_id = ? AND user_id = ? ORDER BY created_at",
+                ts("created_at")), user).await?,
+            audit: Vec::new(),
         })
     }
 
@@ -998,10 +1080,11 @@ impl MemoryStore for SqliteStore {
         let mut tx = self.pool.begin().await?;
         for c in calls {
             sqlx::query(
-                "INSERT INTO llm_usage (user_id, id, task_id, operation, prompt, provider, model, \
-                 prompt_tokens, completion_tokens, latency_ms, cost_usd, created_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO llm_usage (tenant_id, user_id, id, task_id, operation, prompt, provider, \
+                 model, prompt_tokens, completion_tokens, latency_ms, cost_usd, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
+            .bind(&c.tenant_id)
             .bind(&c.user_id)
             .bind(c.id.to_string())
             .bind(c.task_id.map(|t| t.to_string()))
@@ -1021,20 +1104,305 @@ impl MemoryStore for SqliteStore {
         Ok(())
     }
 
-    async fn llm_usage_totals(&self, user_id: &str) -> Result<Vec<UsageTotals>, StoreError> {
+    async fn llm_usage_totals(&self, user: UserRef<'_>) -> Result<Vec<UsageTotals>, StoreError> {
         let rows = sqlx::query(
             "SELECT operation, provider, model, count(*) AS calls, sum(prompt_tokens) AS prompt_tokens, \
              sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd \
-             FROM llm_usage WHERE user_id = ? GROUP BY operation, provider, model \
+             FROM llm_usage WHERE tenant_id = ? AND user_id = ? GROUP BY operation, provider, model \
              ORDER BY operation, provider, model",
         )
-        .bind(user_id)
+        .bind(user.tenant_id)
+        .bind(user.user_id)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|r| {
                 Ok(UsageTotals {
                     operation: r.try_get("operation")?,
+                    provider: r.try_get("provider")?,
+                    model: r.try_get("model")?,
+                    calls: r.try_get::<i64, _>("calls")? as u64,
+                    prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
+                    completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
+                    cost_usd: r.try_get("cost_usd")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn opt_micros(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    Ok(row.try_get::<Option<i64>, _>(col)?.map(from_micros))
+}
+
+fn tenant_from_row(row: &SqliteRow) -> Result<Tenant, StoreError> {
+    Ok(Tenant {
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        created_at: from_micros(row.try_get("created_at")?),
+        limits: TenantLimits {
+            rate_limit_rps: row.try_get("rate_limit_rps")?,
+            memorize_per_day: row
+                .try_get::<Option<i64>, _>("memorize_per_day")?
+                .map(|v| v.max(0) as u64),
+            tokens_per_day: row
+                .try_get::<Option<i64>, _>("tokens_per_day")?
+                .map(|v| v.max(0) as u64),
+        },
+    })
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKeyRecord, StoreError> {
+    let scopes: String = row.try_get("scopes")?;
+    Ok(ApiKeyRecord {
+        key_id: row.try_get("key_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        scopes: parse_scopes(&scopes).map_err(StoreError::Invalid)?,
+        secret_hash: row.try_get("secret_hash")?,
+        created_at: from_micros(row.try_get("created_at")?),
+        expires_at: opt_micros(row, "expires_at")?,
+        revoked_at: opt_micros(row, "revoked_at")?,
+        last_used_at: opt_micros(row, "last_used_at")?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        id: uuid_col(row, "id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        at: from_micros(row.try_get("at")?),
+        key_id: row.try_get("key_id")?,
+        method: row.try_get("method")?,
+        route: row.try_get("route")?,
+        target_user: row.try_get("target_user")?,
+        status: row.try_get::<i64, _>("status")? as u16,
+    })
+}
+
+#[async_trait]
+impl AccessStore for SqliteStore {
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tenants (tenant_id, name, created_at, rate_limit_rps, memorize_per_day, tokens_per_day) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&tenant.tenant_id)
+        .bind(&tenant.name)
+        .bind(micros(tenant.created_at))
+        .bind(tenant.limits.rate_limit_rps)
+        .bind(tenant.limits.memorize_per_day.map(|v| v as i64))
+        .bind(tenant.limits.tokens_per_day.map(|v| v as i64))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| duplicate_or(e, "tenant"))?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, tenant_id: &str) -> Result<Option<Tenant>, StoreError> {
+        sqlx::query("SELECT * FROM tenants WHERE tenant_id = ?")
+            .bind(tenant_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| tenant_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        sqlx::query("SELECT * FROM tenants ORDER BY tenant_id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(tenant_from_row)
+            .collect()
+    }
+
+    async fn set_tenant_limits(
+        &self,
+        tenant_id: &str,
+        limits: &TenantLimits,
+    ) -> Result<Option<Tenant>, StoreError> {
+        sqlx::query(
+            "UPDATE tenants SET rate_limit_rps = ?, memorize_per_day = ?, tokens_per_day = ? \
+             WHERE tenant_id = ? RETURNING *",
+        )
+        .bind(limits.rate_limit_rps)
+        .bind(limits.memorize_per_day.map(|v| v as i64))
+        .bind(limits.tokens_per_day.map(|v| v as i64))
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| tenant_from_row(&r))
+        .transpose()
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord, replace: bool) -> Result<(), StoreError> {
+        let conflict = match replace {
+            true => {
+                " ON CONFLICT (key_id) DO UPDATE SET tenant_id = excluded.tenant_id, \
+                 name = excluded.name, scopes = excluded.scopes, secret_hash = excluded.secret_hash, \
+                 expires_at = excluded.expires_at, revoked_at = NULL"
+            }
+            false => "",
+        };
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO api_keys (key_id, tenant_id, name, scopes, secret_hash, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?){conflict}"
+        )))
+        .bind(&key.key_id)
+        .bind(&key.tenant_id)
+        .bind(&key.name)
+        .bind(scopes_to_text(&key.scopes))
+        .bind(&key.secret_hash)
+        .bind(micros(key.created_at))
+        .bind(key.expires_at.map(micros))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| duplicate_or(e, "api key"))?;
+        Ok(())
+    }
+
+    async fn find_api_key(&self, key_id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        sqlx::query("SELECT * FROM api_keys WHERE key_id = ?")
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| key_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        sqlx::query("SELECT * FROM api_keys WHERE tenant_id = ? ORDER BY created_at, key_id")
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(key_from_row)
+            .collect()
+    }
+
+    async fn revoke_api_key(&self, tenant_id: &str, key_id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE tenant_id = ? AND key_id = ?",
+        )
+        .bind(micros(Utc::now()))
+        .bind(tenant_id)
+        .bind(key_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn touch_api_key(&self, key_id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE api_keys SET last_used_at = ? WHERE key_id = ?")
+            .bind(micros(at))
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO audit_log (tenant_id, id, at, key_id, method, route, target_user, status) ",
+        );
+        qb.push_values(entries, |mut row, e| {
+            row.push_bind(&e.tenant_id)
+                .push_bind(e.id.to_string())
+                .push_bind(micros(e.at))
+                .push_bind(&e.key_id)
+                .push_bind(&e.method)
+                .push_bind(&e.route)
+                .push_bind(&e.target_user)
+                .push_bind(e.status as i64);
+        });
+        qb.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        tenant_id: &str,
+        target_user: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        sqlx::query(
+            "SELECT * FROM audit_log WHERE tenant_id = ?1 AND (?2 IS NULL OR target_user = ?2) \
+             ORDER BY at DESC, id DESC LIMIT ?3",
+        )
+        .bind(tenant_id)
+        .bind(target_user)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
+    async fn pseudonymise_audit(
+        &self,
+        user: UserRef<'_>,
+        pseudonym: &str,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE audit_log SET target_user = ? WHERE tenant_id = ? AND target_user = ?",
+        )
+        .bind(pseudonym)
+        .bind(user.tenant_id)
+        .bind(user.user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn tenant_usage_since(
+        &self,
+        tenant_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<DailyUsage, StoreError> {
+        let (jobs, tokens): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM memorize_tasks WHERE tenant_id = ?1 AND created_at >= ?2), \
+                    (SELECT sum(prompt_tokens + completion_tokens) FROM llm_usage \
+                     WHERE tenant_id = ?1 AND created_at >= ?2)",
+        )
+        .bind(tenant_id)
+        .bind(micros(since))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(DailyUsage {
+            memorize_jobs: jobs.max(0) as u64,
+            tokens: tokens.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    async fn cost_report(
+        &self,
+        tenant_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<CostRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT strftime('%Y-%m-%d', created_at / 1000000, 'unixepoch') AS day, user_id, provider, \
+             model, count(*) AS calls, sum(prompt_tokens) AS prompt_tokens, \
+             sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd \
+             FROM llm_usage WHERE tenant_id = ? AND created_at >= ? AND created_at < ? \
+             GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        )
+        .bind(tenant_id)
+        .bind(micros(since))
+        .bind(micros(until))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CostRow {
+                    day: r.try_get("day")?,
+                    tenant_id: tenant_id.to_string(),
+                    user_id: r.try_get("user_id")?,
                     provider: r.try_get("provider")?,
                     model: r.try_get("model")?,
                     calls: r.try_get::<i64, _>("calls")? as u64,

@@ -105,9 +105,43 @@ pub async fn with_backend(mut config: WorkerConfig, postgres: bool) -> (WorkerCo
     }
 }
 
+/// A new key of the tenant (created when missing) with the given scopes.
+pub async fn issue_key(service: &MemoryService, tenant: &str, scopes: &str) -> String {
+    use secrecy::ExposeSecret as _;
+    if service.store.get_tenant(tenant).await.unwrap().is_none() {
+        service
+            .access
+            .create_tenant(tenant, tenant, Default::default())
+            .await
+            .unwrap();
+    }
+    let scopes = memu_worker::tenancy::parse_scopes(scopes).unwrap();
+    let issued = service
+        .access
+        .issue_key(tenant, "test", scopes, None)
+        .await
+        .unwrap();
+    issued.token.expose_secret().to_string()
+}
+
+/// An HTTP client that sends `Authorization: Bearer <key>` on every request.
+pub fn authorized_client(api_key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {api_key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 /// A service and an in-process server on a loopback port; stops when dropped.
 pub struct TestServer {
     pub base: String,
+    /// Key of tenant `default` with every scope; `http` sends it.
+    pub api_key: String,
     pub service: Arc<MemoryService>,
     pub http: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -120,6 +154,8 @@ impl TestServer {
         let service = memu_worker::server::build_service(config, true)
             .await
             .expect("build service");
+        // Every test talks as a real client: with a key of tenant `default`.
+        let api_key = issue_key(&service, "default", "read,write,admin").await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -134,7 +170,8 @@ impl TestServer {
         Self {
             base,
             service,
-            http: reqwest::Client::new(),
+            http: authorized_client(&api_key),
+            api_key,
             stop: Some(tx),
             task: Some(task),
         }
@@ -209,4 +246,9 @@ impl Drop for TestServer {
             let _ = tx.send(());
         }
     }
+}
+
+/// A user of tenant `default` (the tenant of [`TestServer::api_key`]).
+pub fn u(user_id: &str) -> memu_worker::model::UserRef<'_> {
+    memu_worker::model::UserRef::new("default", user_id)
 }
