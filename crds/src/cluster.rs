@@ -334,6 +334,9 @@ pub struct MemUClusterStatus {
     /// Managed Citus membership.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub citus: Option<CitusStatus>,
+    /// Name of the Secret holding the bootstrap admin API key (key `api-key`); only the name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_key_secret: Option<String>,
 }
 
 /// Workers registered in the coordinator's `pg_dist_node` against those the spec asks for.

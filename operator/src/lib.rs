@@ -1,5 +1,6 @@
 //! memU operator: reconciles MemUCluster objects into the memU service's Kubernetes objects.
 
+pub mod admin_key;
 pub mod citus;
 pub mod leader;
 pub mod metrics;

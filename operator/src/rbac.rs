@@ -27,7 +27,8 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     ("memu.dev", &["memuclusters/finalizers"], &["update"]),
     ("apps", &["deployments", "statefulsets"], MANAGE),
     ("", &["services", "configmaps", "serviceaccounts"], MANAGE),
-    // The Citus credentials are created once and read for the membership check; nothing else.
+    // The Citus credentials and the admin API key are created once and read back (membership
+    // check, rollout version); nothing else.
     ("", &["secrets"], &["get", "create"]),
     // The Delete policy removes the data volume claims.
     (

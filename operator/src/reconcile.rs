@@ -29,6 +29,7 @@ use memu_crds::cluster::{
     DeletionPolicy, MemUCluster, MemUClusterStatus, REBALANCE_ANNOTATION, Topology, WorkloadStatus,
 };
 
+use crate::admin_key;
 use crate::citus;
 use crate::metrics::OperatorMetrics;
 use crate::render::{self, CLUSTER_LABEL, Capabilities, Desired, MANAGER, SpecError};
@@ -162,7 +163,7 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
         return Ok(Action::requeue(PERIODIC));
     }
     let caps = capabilities(client).await?;
-    let desired = match render::desired(&cluster, caps) {
+    let mut desired = match render::desired(&cluster, caps) {
         Ok(d) => d,
         Err(SpecError { reason, message }) => {
             let mut status = cluster.status.clone().unwrap_or_default();
@@ -196,6 +197,8 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
             return Ok(Action::requeue(PERIODIC));
         }
     };
+    let admin_key_version = ensure_admin_key(&ctx, &ns, &cluster).await?;
+    render::stamp_admin_key_version(&mut desired, &admin_key_version);
     if is_managed_citus(&cluster) {
         ensure_citus_credentials(client, &ns, &cluster).await?;
     }
@@ -253,6 +256,31 @@ async fn ensure_citus_credentials(
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Creates the admin-key Secret once with a generated key (see `admin_key.rs`); an existing one
+/// is kept as it is. Returns the Secret's version, which rolls the workers when it changes. The
+/// key itself goes only into the Secret: never into a log, an event or the status.
+async fn ensure_admin_key(ctx: &Context, ns: &str, cluster: &MemUCluster) -> Result<String, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = render::admin_key_name(cluster);
+    let plan = admin_key::plan(cluster, api.get_opt(&name).await?, admin_key::generate);
+    let event = plan.event(&name);
+    let (stored, event) = match plan {
+        admin_key::Plan::Create(secret) => {
+            match api.create(&PostParams::default(), &secret).await {
+                Ok(created) => (created, event),
+                // Another reconcile (e.g. a previous leader's) created it first: that one stays.
+                Err(kube::Error::Api(e)) if e.code == 409 => (api.get(&name).await?, None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        admin_key::Plan::Keep(s) | admin_key::Plan::KeepUnusable(s) => (s, event),
+    };
+    if let Some((type_, reason, note)) = event {
+        publish(ctx, cluster, type_, reason, &note).await;
+    }
+    Ok(render::secret_version(&stored))
 }
 
 /// Ready replicas of a StatefulSet (0 when absent).
@@ -739,8 +767,7 @@ async fn observe(
         },
         generation,
     );
-    status.topology = Some(cluster.spec.topology());
-    status.endpoint = Some(format!("http://{}-api.{ns}.svc:8080", cluster.name_any()));
+    render::identify(cluster, &mut status);
     Ok(status)
 }
 

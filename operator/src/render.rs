@@ -29,12 +29,14 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use memu_crds::cluster::{
-    DeletionPolicy, MemUCluster, ProviderSpec, SecretKeyRef, Tier, Topology, WorkloadSpec,
-    memu_provider::Preset,
+    DeletionPolicy, MemUCluster, MemUClusterStatus, ProviderSpec, SecretKeyRef, Tier, Topology,
+    WorkloadSpec, memu_provider::Preset,
 };
 use memu_crds::worker::{
     DatabaseBackend, LogFormat, ProviderPreset, ProviderProfile, Role, WorkerConfig,
 };
+
+use crate::admin_key;
 
 /// Field manager of every server-side apply.
 pub const MANAGER: &str = "memu-operator";
@@ -420,6 +422,100 @@ pub fn citus_credentials(cluster: &MemUCluster, password: &str) -> Secret {
     }
 }
 
+/// Name of the Secret holding the cluster's bootstrap admin API key: `<cluster>-admin-key`.
+pub fn admin_key_name(cluster: &MemUCluster) -> String {
+    format!("{}-admin-key", name(cluster))
+}
+
+/// The bootstrap admin API key Secret (see `admin_key.rs`); created once, never rewritten.
+/// Owned by the MemUCluster whatever the deletion policy: a cluster created again under the same
+/// name gets a new key with the same id, which replaces the old one in the database.
+pub fn admin_key_secret(cluster: &MemUCluster, api_key: &str) -> Secret {
+    Secret {
+        metadata: meta(cluster, admin_key_name(cluster), "admin-key", true),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(
+            admin_key::SECRET_KEY.to_string(),
+            api_key.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// `MEMU_BOOTSTRAP_ADMIN_KEY` from the admin-key Secret.
+fn admin_key_env(cluster: &MemUCluster) -> EnvVar {
+    secret_env(
+        admin_key::ENV,
+        &SecretKeyRef {
+            name: admin_key_name(cluster),
+            key: admin_key::SECRET_KEY.into(),
+        },
+        false,
+    )
+}
+
+/// The status fields that follow from the spec alone: the effective topology, the API
+/// endpoint and the admin-key Secret's name (only its name).
+pub fn identify(cluster: &MemUCluster, status: &mut MemUClusterStatus) {
+    status.topology = Some(cluster.spec.topology());
+    status.endpoint = Some(format!(
+        "http://{}-api.{}.svc:{PORT}",
+        name(cluster),
+        namespace(cluster)
+    ));
+    status.admin_key_secret = Some(admin_key_name(cluster));
+}
+
+/// Pod-template annotation carrying the admin-key Secret's version, so that replacing the
+/// Secret rolls the pods that read it.
+pub const ADMIN_KEY_VERSION: &str = "memu.dev/admin-key-version";
+
+/// A stored Secret's version: a digest of its uid and resourceVersion, never of its data. It
+/// changes when the Secret is recreated or edited.
+pub fn secret_version(secret: &Secret) -> String {
+    hash(&format!(
+        "{}/{}",
+        secret.metadata.uid.as_deref().unwrap_or_default(),
+        secret
+            .metadata
+            .resource_version
+            .as_deref()
+            .unwrap_or_default()
+    ))[..16]
+        .to_string()
+}
+
+/// Stamps `version` (see [`secret_version`]) on every pod template whose containers read the
+/// admin key (the worker Deployments, or the SQLite StatefulSet): a rotated key rolls them and
+/// the new pods install it. The migrations Job and the database nodes do not read it.
+pub fn stamp_admin_key_version(d: &mut Desired, version: &str) {
+    let templates = d
+        .deployments
+        .iter_mut()
+        .filter_map(|x| x.spec.as_mut().map(|s| &mut s.template))
+        .chain(
+            d.stateful_sets
+                .iter_mut()
+                .filter_map(|x| x.spec.as_mut().map(|s| &mut s.template)),
+        );
+    for template in templates {
+        let reads_key = template.spec.as_ref().is_some_and(|pod| {
+            pod.containers
+                .iter()
+                .flat_map(|c| c.env.iter().flatten())
+                .any(|e| e.name == admin_key::ENV)
+        });
+        if reads_key {
+            template
+                .metadata
+                .get_or_insert_with(Default::default)
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(ADMIN_KEY_VERSION.into(), version.into());
+        }
+    }
+}
+
 /// One Citus node (coordinator or worker): a single-replica StatefulSet with its own volume.
 fn citus_node(cluster: &MemUCluster, part: &str, component: &str) -> StatefulSet {
     let managed = cluster.spec.database.managed.clone().unwrap_or_default();
@@ -712,6 +808,8 @@ fn container(
             }]
             .into_iter()
             .chain(worker_env(cluster))
+            // Serving workers install the bootstrap admin key on start; migrations need none.
+            .chain(serving.then(|| admin_key_env(cluster)))
             .collect(),
         ),
         ports: serving.then(|| {

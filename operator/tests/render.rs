@@ -3,6 +3,7 @@
 use k8s_openapi::api::core::v1::EnvVar;
 use memu_crds::cluster::MemUCluster;
 use memu_crds::worker::{DatabaseBackend, WorkerConfig};
+use memu_operator::admin_key;
 use memu_operator::render::{self, CONFIG_HASH, Capabilities, desired};
 
 fn sample(name: &str) -> MemUCluster {
@@ -474,4 +475,272 @@ fn a_redis_secret_reaches_every_worker_as_redis_url() {
             .iter()
             .all(|e| e.name != "REDIS_URL")
     );
+}
+
+/// The pod templates of a rendering: (object name, template), Deployments, StatefulSets, Jobs.
+fn templates(d: &render::Desired) -> Vec<(String, &k8s_openapi::api::core::v1::PodTemplateSpec)> {
+    let deployments = d
+        .deployments
+        .iter()
+        .map(|x| (&x.metadata, &x.spec.as_ref().unwrap().template));
+    let stateful_sets = d
+        .stateful_sets
+        .iter()
+        .map(|x| (&x.metadata, &x.spec.as_ref().unwrap().template));
+    let jobs = d
+        .jobs
+        .iter()
+        .map(|x| (&x.metadata, &x.spec.as_ref().unwrap().template));
+    deployments
+        .chain(stateful_sets)
+        .chain(jobs)
+        .map(|(m, t)| (m.name.clone().unwrap(), t))
+        .collect()
+}
+
+/// The Secret as the API server stores it: `stringData` folded into `data`, uid and version set.
+fn stored(
+    secret: &k8s_openapi::api::core::v1::Secret,
+    uid: &str,
+) -> k8s_openapi::api::core::v1::Secret {
+    let mut s = secret.clone();
+    s.data = s.string_data.take().map(|d| {
+        d.into_iter()
+            .map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes())))
+            .collect()
+    });
+    s.metadata.uid = Some(uid.into());
+    s.metadata.resource_version = Some("1".into());
+    s
+}
+
+fn created(plan: admin_key::Plan) -> k8s_openapi::api::core::v1::Secret {
+    match plan {
+        admin_key::Plan::Create(s) => s,
+        other => panic!("expected a Secret to create, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_admin_key_secret_is_generated_once_and_owned_by_the_cluster() {
+    let cluster = sample("medium");
+    let secret = created(admin_key::plan(&cluster, None, admin_key::generate));
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some("memu-medium-admin-key")
+    );
+    assert_eq!(secret.metadata.namespace.as_deref(), Some("apps"));
+    // Owned even under Retain (the sample's policy), labelled like every child.
+    assert_eq!(
+        cluster.spec.deletion_policy,
+        memu_crds::cluster::DeletionPolicy::Retain
+    );
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("MemUCluster", Some(true))
+    );
+    let labels = secret.metadata.labels.as_ref().unwrap();
+    assert_eq!(labels[render::CLUSTER_LABEL], "memu-medium");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], render::MANAGER);
+    let key = admin_key::token_of(&secret).unwrap();
+    assert!(admin_key::is_well_formed(&key), "{} chars", key.len());
+    let id = admin_key::key_id("apps", "memu-medium");
+    assert!(key.starts_with(&format!("memu_{id}_")));
+
+    // Later reconciles find it stored and keep it: nothing is generated or rewritten.
+    let on_server = stored(&secret, "secret-uid-1");
+    for _ in 0..2 {
+        match admin_key::plan(&cluster, Some(on_server.clone()), |_| {
+            panic!("an existing admin key must not be regenerated")
+        }) {
+            admin_key::Plan::Keep(kept) => {
+                assert_eq!(admin_key::token_of(&kept).as_deref(), Some(key.as_str()))
+            }
+            other => panic!("expected Keep, got {other:?}"),
+        }
+    }
+
+    // Deleted (rotation): a new secret part under the same key id, which the worker replaces.
+    let rotated = admin_key::token_of(&created(admin_key::plan(
+        &cluster,
+        None,
+        admin_key::generate,
+    )))
+    .unwrap();
+    assert!(admin_key::is_well_formed(&rotated));
+    assert_ne!(rotated, key);
+    assert!(rotated.starts_with(&format!("memu_{id}_")));
+}
+
+#[test]
+fn an_unusable_admin_key_secret_is_kept_and_reported() {
+    let cluster = sample("medium");
+    let mut secret = stored(
+        &render::admin_key_secret(&cluster, "hunter2-not-a-key"),
+        "uid",
+    );
+    let never = |_: &str| -> String { panic!("an existing Secret is never overwritten") };
+    let plan = admin_key::plan(&cluster, Some(secret.clone()), never);
+    assert!(matches!(plan, admin_key::Plan::KeepUnusable(_)), "{plan:?}");
+    let (type_, reason, note) = plan.event("memu-medium-admin-key").unwrap();
+    assert_eq!(type_, kube::runtime::events::EventType::Warning);
+    assert_eq!(reason, "AdminKeyUnusable");
+    assert!(note.contains("memu-medium-admin-key") && !note.contains("hunter2"));
+    secret.data = None;
+    assert!(matches!(
+        admin_key::plan(&cluster, Some(secret), never),
+        admin_key::Plan::KeepUnusable(_)
+    ));
+}
+
+#[test]
+fn every_worker_container_reads_the_admin_key_and_the_migrations_job_does_not() {
+    let mut citus = sample("large");
+    citus.spec.database.external = None;
+    citus.spec.database.managed = Some(memu_crds::cluster::ManagedDatabase {
+        shards: Some(2),
+        ..Default::default()
+    });
+    for (cluster, workers) in [
+        (sample("small"), 1),
+        (sample("medium"), 2),
+        (sample("large"), 2),
+        (citus, 2),
+    ] {
+        let n = cluster.metadata.name.clone().unwrap();
+        let d = desired(&cluster, ALL).unwrap();
+        // The rendered worker configuration reads the key from the variable the pods get.
+        assert_eq!(config_of(&d).auth.bootstrap_admin_key_env, admin_key::ENV);
+        let mut reading = 0;
+        for (object, template) in templates(&d) {
+            let component = &template.metadata.as_ref().unwrap().labels.as_ref().unwrap()
+                [render::COMPONENT_LABEL];
+            let is_worker = ["worker", "api", "pipeline"].contains(&component.as_str());
+            for c in &template.spec.as_ref().unwrap().containers {
+                let env = c.env.clone().unwrap_or_default();
+                let keys: Vec<_> = env.iter().filter(|e| e.name == admin_key::ENV).collect();
+                if !is_worker {
+                    // The migrations Job and the Citus nodes never see it.
+                    assert!(
+                        keys.is_empty(),
+                        "{object} ({component}) reads the admin key"
+                    );
+                    continue;
+                }
+                assert_eq!(keys.len(), 1, "{object}: {env:?}");
+                assert!(keys[0].value.is_none(), "never in clear");
+                let r = keys[0]
+                    .value_from
+                    .as_ref()
+                    .unwrap()
+                    .secret_key_ref
+                    .as_ref()
+                    .unwrap();
+                assert_eq!(
+                    (r.name.as_str(), r.key.as_str(), r.optional),
+                    (format!("{n}-admin-key").as_str(), "api-key", None)
+                );
+                reading += 1;
+            }
+        }
+        assert_eq!(reading, workers, "{n}");
+        assert!(
+            cluster.spec.topology() == memu_crds::cluster::Topology::Sqlite || !d.jobs.is_empty(),
+            "{n} has a migrations Job"
+        );
+    }
+}
+
+#[test]
+fn a_replaced_admin_key_secret_rolls_the_workers_only() {
+    let mut citus = sample("large");
+    citus.spec.database.external = None;
+    citus.spec.database.managed = Some(memu_crds::cluster::ManagedDatabase {
+        shards: Some(2),
+        ..Default::default()
+    });
+    for cluster in [sample("small"), citus] {
+        let n = cluster.metadata.name.clone().unwrap();
+        let secret = created(admin_key::plan(&cluster, None, admin_key::generate));
+        let first = render::secret_version(&stored(&secret, "uid-1"));
+        assert_eq!(first, render::secret_version(&stored(&secret, "uid-1")));
+        let recreated = render::secret_version(&stored(&secret, "uid-2"));
+        assert_ne!(first, recreated);
+        let mut edited = stored(&secret, "uid-1");
+        edited.metadata.resource_version = Some("2".into());
+        assert_ne!(first, render::secret_version(&edited));
+        let versions = |version: &str| {
+            let mut d = desired(&cluster, ALL).unwrap();
+            render::stamp_admin_key_version(&mut d, version);
+            templates(&d)
+                .into_iter()
+                .map(|(object, t)| {
+                    let annotations = t.metadata.clone().unwrap().annotations.unwrap_or_default();
+                    (
+                        object,
+                        annotations.get(render::ADMIN_KEY_VERSION).cloned(),
+                        annotations.get(CONFIG_HASH).cloned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let before = versions(&first);
+        let after = versions(&recreated);
+        let workers = [
+            format!("{n}-worker"),
+            format!("{n}-api"),
+            format!("{n}-pipeline"),
+        ];
+        let mut stamped = 0;
+        for ((object, version, hash), (_, version_after, hash_after)) in before.iter().zip(&after) {
+            if workers.contains(object) {
+                assert_eq!(version.as_deref(), Some(first.as_str()), "{object}");
+                assert_eq!(
+                    version_after.as_deref(),
+                    Some(recreated.as_str()),
+                    "{object}"
+                );
+                stamped += 1;
+            } else {
+                // The Citus nodes and the migrations Job keep their templates.
+                assert_eq!((version, version_after), (&None, &None), "{object}");
+            }
+            assert_eq!(
+                hash, hash_after,
+                "the config hash (and the Job's name) stay"
+            );
+        }
+        assert!(stamped > 0, "{n}");
+        // The version says nothing about the key.
+        let key = admin_key::token_of(&secret).unwrap();
+        assert!(!key.contains(&first));
+    }
+}
+
+#[test]
+fn the_admin_key_stays_out_of_status_events_and_rendered_objects() {
+    let cluster = sample("medium");
+    let plan = admin_key::plan(&cluster, None, admin_key::generate);
+    let name = render::admin_key_name(&cluster);
+    let (_, reason, note) = plan.event(&name).unwrap();
+    let debug = format!("{plan:?}");
+    let secret = created(plan);
+    let key = admin_key::token_of(&secret).unwrap();
+    // The random part alone (it may itself contain `_`).
+    let secret_part = &key[key.len() - 43..];
+    let mut status = memu_crds::cluster::MemUClusterStatus::default();
+    render::identify(&cluster, &mut status);
+    let status_json = serde_json::to_string(&status).unwrap();
+    assert!(status_json.contains(r#""adminKeySecret":"memu-medium-admin-key""#));
+    let mut d = desired(&cluster, ALL).unwrap();
+    render::stamp_admin_key_version(&mut d, &render::secret_version(&stored(&secret, "u")));
+    let rendered = format!("{d:?}");
+    for text in [&status_json, reason, &note, &debug, &rendered] {
+        assert!(!text.contains(&key), "key leaked into {text}");
+        assert!(!text.contains(secret_part), "key leaked into {text}");
+    }
+    assert!(note.contains(&name));
+    // The Secret's own Debug would show it: hence the Plan's redacting Debug.
+    assert!(format!("{secret:?}").contains(&key));
 }
