@@ -1,7 +1,7 @@
 //! Authentication middleware of the API routes: bearer key → tenant and scopes, the scope each
 //! route needs, rate limits and daily quotas, and one audit entry per authenticated request.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
@@ -23,7 +23,7 @@ use crate::tenancy::{ApiScope, AuditEntry};
 pub struct Caller {
     pub principal: Principal,
     /// The end user the request is about, for the audit log (set by [`Caller::user`]).
-    target: Arc<OnceLock<String>>,
+    target: Arc<Mutex<Option<String>>>,
 }
 
 impl Caller {
@@ -33,8 +33,18 @@ impl Caller {
 
     /// `user_id` inside the caller's tenant; also names the request's target in the audit log.
     pub fn user<'a>(&'a self, user_id: &'a str) -> UserRef<'a> {
-        let _ = self.target.set(user_id.to_string());
+        self.target
+            .lock()
+            .expect("audit target lock")
+            .get_or_insert_with(|| user_id.to_string());
         UserRef::new(&self.principal.tenant_id, user_id)
+    }
+
+    /// The user was erased: the audit entry of this very request names only their pseudonym.
+    pub fn erased(&self, user_id: &str) -> String {
+        let pseudonym = crate::tenancy::erased_user_pseudonym(self.tenant_id(), user_id);
+        *self.target.lock().expect("audit target lock") = Some(pseudonym.clone());
+        pseudonym
     }
 }
 
@@ -138,7 +148,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     };
     let caller = Caller {
         principal,
-        target: Arc::new(OnceLock::new()),
+        target: Arc::new(Mutex::new(None)),
     };
     let checked = async {
         caller.principal.require(required_scope(&method, &route))?;
@@ -163,7 +173,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             key_id: caller.principal.key_id.clone(),
             method: method.to_string(),
             route,
-            target_user: caller.target.get().cloned(),
+            target_user: caller.target.lock().expect("audit target lock").clone(),
             status: response.status().as_u16(),
         };
         if let Err(e) = state.service.store.append_audit(&[entry]).await {

@@ -112,6 +112,11 @@ pub struct AgentParam {
 pub struct DeleteUserResponse {
     pub user_id: String,
     pub deleted: DeletedCounts,
+    /// Erasure receipt: when, and the pseudonym that replaced the user's id in the audit log
+    /// (absent when only one agent's data was erased).
+    pub erased_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_pseudonym: Option<String>,
 }
 
 const MAX_SUMMARY_BYTES: usize = 16 * 1024;
@@ -306,7 +311,13 @@ pub async fn delete_user(
         .service
         .delete_user(caller.user(&user_id), params.agent_id.as_deref())
         .await?;
-    Ok(Json(DeleteUserResponse { user_id, deleted }))
+    let audit_pseudonym = params.agent_id.is_none().then(|| caller.erased(&user_id));
+    Ok(Json(DeleteUserResponse {
+        user_id,
+        deleted,
+        erased_at: Utc::now(),
+        audit_pseudonym,
+    }))
 }
 
 /// Export all of a user's data as JSON.

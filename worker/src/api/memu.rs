@@ -582,5 +582,8 @@ pub async fn clear(
         .service
         .delete_user(caller.user(&req.user_id), req.agent_id.as_deref())
         .await?;
+    if req.agent_id.is_none() {
+        caller.erased(&req.user_id);
+    }
     Ok(Json(ClearResponse { deleted }))
 }
