@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use memu_crds::worker::{DatabaseBackend, ProviderPreset, ProviderProfile, WorkerConfig};
 use memu_e2e::openai_stub::{Endpoint, OpenAiStub, StubOptions};
-use memu_worker::model::{Message, Scope, TaskStatus};
+use memu_worker::model::{Message, Scope, TaskStatus, UserRef};
 use memu_worker::service::{MemorizeInput, MemoryService};
+use memu_worker::tenancy::DEFAULT_TENANT;
 use serde_json::json;
 use sqlx::Connection;
 
@@ -105,7 +106,7 @@ async fn run(
     for i in 0..conversations {
         let (task, _) = service
             .memorize(MemorizeInput {
-                scope: Scope::new(format!("user-{i}"), None),
+                scope: Scope::new(UserRef::new(DEFAULT_TENANT, &format!("user-{i}")), None),
                 idempotency_key: None,
                 user_name: Some("Sam".into()),
                 agent_name: None,
@@ -121,7 +122,7 @@ async fn run(
     let pipeline = tokio::spawn(memu_worker::pipeline::run(service.clone(), stop_rx));
     for id in &tasks {
         loop {
-            let task = service.task(*id).await.unwrap();
+            let task = service.task(DEFAULT_TENANT, *id).await.unwrap();
             match task.status {
                 TaskStatus::Success => break,
                 TaskStatus::Failed => panic!("task failed: {:?}", task.error),

@@ -267,7 +267,7 @@ impl Access {
         name: &str,
         limits: TenantLimits,
     ) -> Result<Tenant, AccessError> {
-        validate_tenant_id(tenant_id).map_err(|m| StoreError::Invalid(m))?;
+        validate_tenant_id(tenant_id).map_err(StoreError::Invalid)?;
         let tenant = Tenant {
             tenant_id: tenant_id.to_string(),
             name: name.to_string(),
