@@ -71,6 +71,58 @@ pub(crate) fn group_by_tenant<'a, T>(
     groups
 }
 
+/// A column type both stores decode the same way.
+pub(crate) trait Column<'r, R: sqlx::Row>:
+    sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>
+{
+}
+impl<'r, R: sqlx::Row, T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>> Column<'r, R>
+    for T
+{
+}
+
+/// A row of LLM usage totals (`operation`, `provider`, `model`, `calls`, token sums, cost).
+pub(crate) fn usage_totals_from<'r, R>(r: &'r R) -> Result<UsageTotals, StoreError>
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    String: Column<'r, R>,
+    i64: Column<'r, R>,
+    f64: Column<'r, R>,
+{
+    Ok(UsageTotals {
+        operation: r.try_get("operation")?,
+        provider: r.try_get("provider")?,
+        model: r.try_get("model")?,
+        calls: r.try_get::<i64, _>("calls")? as u64,
+        prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
+        completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
+        cost_usd: r.try_get("cost_usd")?,
+    })
+}
+
+/// A row of the cost report (`day`, `user_id`, `provider`, `model` and the usage sums).
+pub(crate) fn cost_row_from<'r, R>(tenant_id: &str, r: &'r R) -> Result<CostRow, StoreError>
+where
+    R: sqlx::Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    String: Column<'r, R>,
+    i64: Column<'r, R>,
+    f64: Column<'r, R>,
+{
+    Ok(CostRow {
+        day: r.try_get("day")?,
+        tenant_id: tenant_id.to_string(),
+        user_id: r.try_get("user_id")?,
+        provider: r.try_get("provider")?,
+        model: r.try_get("model")?,
+        calls: r.try_get::<i64, _>("calls")? as u64,
+        prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
+        completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
+        cost_usd: r.try_get("cost_usd")?,
+    })
+}
+
 /// Maps a unique-key violation to [`StoreError::Duplicate`].
 pub(crate) fn duplicate_or(e: sqlx::Error, what: &str) -> StoreError {
     match &e {

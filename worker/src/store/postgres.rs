@@ -16,8 +16,8 @@ use memu_crds::worker::{CategorySpec, VectorConfig, WorkerConfig};
 
 use super::{
     AccessStore, EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport,
-    check_space, decode_cursor, duplicate_or, encode_cursor, erase_statements, group_by_tenant,
-    text_query_terms,
+    check_space, cost_row_from, decode_cursor, duplicate_or, encode_cursor, erase_statements,
+    group_by_tenant, text_query_terms, usage_totals_from,
 };
 use crate::config::read_secret;
 use crate::model::{
@@ -1291,19 +1291,7 @@ impl MemoryStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageTotals {
-                    operation: r.try_get("operation")?,
-                    provider: r.try_get("provider")?,
-                    model: r.try_get("model")?,
-                    calls: r.try_get::<i64, _>("calls")? as u64,
-                    prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
-                    completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
-                    cost_usd: r.try_get("cost_usd")?,
-                })
-            })
-            .collect()
+        rows.iter().map(usage_totals_from).collect()
     }
 }
 
@@ -1576,20 +1564,6 @@ impl AccessStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CostRow {
-                    day: r.try_get("day")?,
-                    tenant_id: tenant_id.to_string(),
-                    user_id: r.try_get("user_id")?,
-                    provider: r.try_get("provider")?,
-                    model: r.try_get("model")?,
-                    calls: r.try_get::<i64, _>("calls")? as u64,
-                    prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
-                    completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
-                    cost_usd: r.try_get("cost_usd")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| cost_row_from(tenant_id, r)).collect()
     }
 }

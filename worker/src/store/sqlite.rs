@@ -17,7 +17,8 @@ use memu_crds::worker::{CategorySpec, WorkerConfig};
 use super::vector_index::{RowMeta, UserIndexes};
 use super::{
     AccessStore, EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport,
-    check_space, decode_cursor, duplicate_or, encode_cursor, erase_statements, text_query_terms,
+    check_space, cost_row_from, decode_cursor, duplicate_or, encode_cursor, erase_statements,
+    text_query_terms, usage_totals_from,
 };
 use crate::model::{
     Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
@@ -1115,19 +1116,7 @@ impl MemoryStore for SqliteStore {
         .bind(user.user_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageTotals {
-                    operation: r.try_get("operation")?,
-                    provider: r.try_get("provider")?,
-                    model: r.try_get("model")?,
-                    calls: r.try_get::<i64, _>("calls")? as u64,
-                    prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
-                    completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
-                    cost_usd: r.try_get("cost_usd")?,
-                })
-            })
-            .collect()
+        rows.iter().map(usage_totals_from).collect()
     }
 }
 
@@ -1397,20 +1386,6 @@ impl AccessStore for SqliteStore {
         .bind(micros(until))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CostRow {
-                    day: r.try_get("day")?,
-                    tenant_id: tenant_id.to_string(),
-                    user_id: r.try_get("user_id")?,
-                    provider: r.try_get("provider")?,
-                    model: r.try_get("model")?,
-                    calls: r.try_get::<i64, _>("calls")? as u64,
-                    prompt_tokens: r.try_get::<i64, _>("prompt_tokens")? as u64,
-                    completion_tokens: r.try_get::<i64, _>("completion_tokens")? as u64,
-                    cost_usd: r.try_get("cost_usd")?,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| cost_row_from(tenant_id, r)).collect()
     }
 }
