@@ -215,7 +215,23 @@ async fn every_memory_type_in_one_call(postgres: bool) {
         "{usage}"
     );
     assert_eq!(usage["breakdown"][0]["operation"], "memorize");
+    // The tenant's cost report has the same calls and cost, and the metric names the tenant.
+    let (status, report) = server.get("/admin/v1/tenants/default/costs").await;
+    assert_eq!(status, 200, "{report}");
+    let row = &report.as_array().unwrap()[0];
+    assert_eq!(
+        (&row["tenant_id"], &row["user_id"], &row["calls"]),
+        (&json!("default"), &json!("maria"), &json!(2)),
+        "{report}"
+    );
+    assert!((row["cost_usd"].as_f64().unwrap() - expected).abs() < 1e-12);
     let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"memu_llm_cost_usd_total{tenant="default",provider="stub",model="stub-chat"}"#
+        ),
+        "{metrics}"
+    );
     assert!(
         metrics.contains(
             r#"memu_llm_prompt_calls_total{provider="stub",model="stub-chat",prompt="extract"} 1"#
