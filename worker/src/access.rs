@@ -21,6 +21,8 @@ pub enum AccessError {
     /// No usable key: missing, malformed, unknown, revoked or expired.
     #[error("{0}")]
     Unauthorized(&'static str),
+    #[error("tenant {0} not found")]
+    UnknownTenant(String),
     #[error("this key lacks the `{0}` scope")]
     Forbidden(ApiScope),
     #[error("{what}; retry in {retry_after_secs} s")]
@@ -33,12 +35,14 @@ pub enum AccessError {
 }
 
 /// Who is calling: the tenant every read and write is confined to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Principal {
     pub tenant_id: String,
     /// None when authentication is disabled.
     pub key_id: Option<String>,
     pub scopes: BTreeSet<ApiScope>,
+    /// The tenant's own limits, read with the key (defaults fill what is unset).
+    pub limits: TenantLimits,
 }
 
 impl Principal {
@@ -110,13 +114,15 @@ impl Access {
                 tenant_id: DEFAULT_TENANT.into(),
                 key_id: None,
                 scopes: [ApiScope::Read, ApiScope::Write, ApiScope::Admin].into(),
+                limits: TenantLimits::default(),
             });
         }
-        let (record, _) = self.verified_key(bearer).await?;
+        let (record, limits) = self.verified_key(bearer).await?;
         Ok(Principal {
             tenant_id: record.tenant_id,
             key_id: Some(record.key_id),
             scopes: record.scopes,
+            limits,
         })
     }
 
@@ -181,22 +187,10 @@ impl Access {
         Ok((record, limits))
     }
 
-    fn limits_of(&self, key_id: Option<&str>) -> TenantLimits {
-        key_id
-            .and_then(|k| {
-                self.keys
-                    .lock()
-                    .expect("key cache lock")
-                    .get(k)
-                    .map(|c| c.limits.clone())
-            })
-            .unwrap_or_default()
-    }
-
     /// Takes one request from the tenant's bucket (burst = 2 s of the rate).
     pub fn admit(&self, principal: &Principal) -> Result<(), AccessError> {
-        let rate = self
-            .limits_of(principal.key_id.as_deref())
+        let rate = principal
+            .limits
             .rate_limit_rps
             .unwrap_or(self.config.default_rate_limit_rps);
         if rate <= 0.0 {
@@ -226,7 +220,7 @@ impl Access {
 
     /// Refuses a new memorize job when the tenant used up today's jobs or LLM tokens.
     pub async fn check_daily_quota(&self, principal: &Principal) -> Result<(), AccessError> {
-        let limits = self.limits_of(principal.key_id.as_deref());
+        let limits = &principal.limits;
         let jobs = limits
             .memorize_per_day
             .unwrap_or(self.config.default_memorize_per_day);
@@ -297,7 +291,7 @@ impl Access {
         expires_at: Option<DateTime<Utc>>,
     ) -> Result<IssuedKey, AccessError> {
         if self.store.get_tenant(tenant_id).await?.is_none() {
-            return Err(StoreError::Invalid(format!("tenant `{tenant_id}` does not exist")).into());
+            return Err(AccessError::UnknownTenant(tenant_id.to_string()));
         }
         let key = generate_key();
         let record = ApiKeyRecord {

@@ -147,7 +147,10 @@ pub async fn run(service: &MemoryService, command: AdminCommand) -> anyhow::Resu
             user,
             limit,
         } => {
-            for entry in store.list_audit(&tenant, user.as_deref(), limit).await? {
+            for entry in store
+                .list_audit(&tenant, user.as_deref(), Some(limit))
+                .await?
+            {
                 print_json(&entry)?;
             }
         }

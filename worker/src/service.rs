@@ -736,15 +736,20 @@ impl MemoryService {
         &self,
         user: UserRef<'_>,
         agent_id: Option<&str>,
-    ) -> Result<DeletedCounts, ServiceError> {
+    ) -> Result<Erasure, ServiceError> {
         let deleted = self.store.delete_user(user, agent_id).await?;
+        let mut audit_pseudonym = None;
         if agent_id.is_none() {
             // The audit trail stays countable, but no longer names the erased user.
             let pseudonym = crate::tenancy::erased_user_pseudonym(user.tenant_id, user.user_id);
             self.store.pseudonymise_audit(user, &pseudonym).await?;
+            audit_pseudonym = Some(pseudonym);
         }
         self.invalidate(user).await;
-        Ok(deleted)
+        Ok(Erasure {
+            deleted,
+            audit_pseudonym,
+        })
     }
 
     /// Everything stored about the user, audit entries included (GDPR access request).
@@ -752,7 +757,7 @@ impl MemoryService {
         let mut export = self.store.export_user(user).await?;
         export.audit = self
             .store
-            .list_audit(user.tenant_id, Some(user.user_id), usize::MAX >> 1)
+            .list_audit(user.tenant_id, Some(user.user_id), None)
             .await?;
         Ok(export)
     }
@@ -765,6 +770,14 @@ impl MemoryService {
             .pop()
             .ok_or_else(|| ProviderError::Model("no embedding returned".into()))?)
     }
+}
+
+/// What erasing a user removed; the pseudonym now standing for them in the audit log (none when
+/// only one agent's data was erased).
+#[derive(Clone, Debug)]
+pub struct Erasure {
+    pub deleted: DeletedCounts,
+    pub audit_pseudonym: Option<String>,
 }
 
 /// The PENDING memorize task of a new resource.

@@ -294,7 +294,7 @@ async fn isolation_matrix_on_postgres() {
     // Every authenticated request is audited under its own tenant, with the route template.
     let audit = service
         .store
-        .list_audit("tenant-b", None, 1000)
+        .list_audit("tenant-b", None, Some(1000))
         .await
         .unwrap();
     assert!(audit.iter().all(|e| e.tenant_id == "tenant-b"));
@@ -305,7 +305,7 @@ async fn isolation_matrix_on_postgres() {
     );
     let a_audit = service
         .store
-        .list_audit("tenant-a", None, 1000)
+        .list_audit("tenant-a", None, Some(1000))
         .await
         .unwrap();
     assert!(
@@ -362,7 +362,6 @@ async fn row_level_security_binds_the_workers_role() {
     memorize(&server, &b, "bob", &format!("I live in {SECRET_B}.")).await;
 
     let mut app = sqlx::PgConnection::connect(&app_dsn).await.unwrap();
-    let count = |sql: &'static str| sql;
     // Without the setting: nothing, from every tenant table.
     for table in [
         "users",
@@ -386,7 +385,7 @@ async fn row_level_security_binds_the_workers_role() {
         .execute(&mut *tx)
         .await
         .unwrap();
-    let rows = sqlx::query(count("SELECT tenant_id, summary FROM memory_items"))
+    let rows = sqlx::query("SELECT tenant_id, summary FROM memory_items")
         .fetch_all(&mut *tx)
         .await
         .unwrap();

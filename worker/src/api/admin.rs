@@ -22,6 +22,7 @@ fn access_error(e: AccessError) -> ApiError {
             ApiError::invalid("tenant_id", message)
         }
         AccessError::Store(s) => s.into(),
+        unknown @ AccessError::UnknownTenant(_) => ApiError::not_found(unknown.to_string()),
         other => ApiError::new(StatusCode::FORBIDDEN, "forbidden", other.to_string()),
     }
 }
@@ -168,7 +169,6 @@ pub async fn create_key(
     Path(tenant_id): Path<String>,
     ApiJson(req): ApiJson<CreateKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    existing_tenant(&state, &tenant_id).await?;
     let scopes = crate::tenancy::parse_scopes(&req.scopes.join(","))
         .map_err(|m| ApiError::invalid("scopes", m))?;
     if let Some(at) = req.expires_at
@@ -258,7 +258,7 @@ pub async fn audit(
     let entries = state
         .service
         .store
-        .list_audit(&tenant_id, params.user_id.as_deref(), limit)
+        .list_audit(&tenant_id, params.user_id.as_deref(), Some(limit))
         .await?;
     Ok(Json(entries))
 }

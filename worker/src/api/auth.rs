@@ -40,11 +40,9 @@ impl Caller {
         UserRef::new(&self.principal.tenant_id, user_id)
     }
 
-    /// The user was erased: the audit entry of this very request names only their pseudonym.
-    pub fn erased(&self, user_id: &str) -> String {
-        let pseudonym = crate::tenancy::erased_user_pseudonym(self.tenant_id(), user_id);
-        *self.target.lock().expect("audit target lock") = Some(pseudonym.clone());
-        pseudonym
+    /// The request erased its target: its own audit entry names only this pseudonym.
+    pub fn retarget(&self, pseudonym: &str) {
+        *self.target.lock().expect("audit target lock") = Some(pseudonym.to_string());
     }
 }
 
@@ -116,6 +114,7 @@ impl IntoResponse for AccessError {
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
                 response
             }
+            AccessError::UnknownTenant(_) => ApiError::not_found(message).into_response(),
             AccessError::Store(e) => ApiError::from(e).into_response(),
         }
     }

@@ -307,16 +307,18 @@ pub async fn delete_user(
     ApiQuery(params): ApiQuery<AgentParam>,
 ) -> Result<Json<DeleteUserResponse>, ApiError> {
     check_user(&state, &user_id)?;
-    let deleted = state
+    let erasure = state
         .service
         .delete_user(caller.user(&user_id), params.agent_id.as_deref())
         .await?;
-    let audit_pseudonym = params.agent_id.is_none().then(|| caller.erased(&user_id));
+    if let Some(pseudonym) = &erasure.audit_pseudonym {
+        caller.retarget(pseudonym);
+    }
     Ok(Json(DeleteUserResponse {
         user_id,
-        deleted,
+        deleted: erasure.deleted,
         erased_at: Utc::now(),
-        audit_pseudonym,
+        audit_pseudonym: erasure.audit_pseudonym,
     }))
 }
 

@@ -578,12 +578,14 @@ pub async fn clear(
     if let Some(agent) = &req.agent_id {
         check_id("agent_id", agent, max)?;
     }
-    let deleted = state
+    let erasure = state
         .service
         .delete_user(caller.user(&req.user_id), req.agent_id.as_deref())
         .await?;
-    if req.agent_id.is_none() {
-        caller.erased(&req.user_id);
+    if let Some(pseudonym) = &erasure.audit_pseudonym {
+        caller.retarget(pseudonym);
     }
-    Ok(Json(ClearResponse { deleted }))
+    Ok(Json(ClearResponse {
+        deleted: erasure.deleted,
+    }))
 }

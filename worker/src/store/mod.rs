@@ -192,12 +192,12 @@ pub trait AccessStore: Send + Sync + 'static {
     async fn touch_api_key(&self, key_id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
 
     async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StoreError>;
-    /// Newest first; only entries about `target_user` when given.
+    /// Newest first; only entries about `target_user` when given; all of them without `limit`.
     async fn list_audit(
         &self,
         tenant_id: &str,
         target_user: Option<&str>,
-        limit: usize,
+        limit: Option<usize>,
     ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Replaces an erased user's id in the audit log by a pseudonym; returns the entries changed.
     async fn pseudonymise_audit(

@@ -1488,7 +1488,7 @@ impl AccessStore for PgStore {
         &self,
         tenant_id: &str,
         target_user: Option<&str>,
-        limit: usize,
+        limit: Option<usize>,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let mut tx = Self::tenant_tx(&self.primary, tenant_id).await?;
         let rows = sqlx::query(
@@ -1497,7 +1497,7 @@ impl AccessStore for PgStore {
         )
         .bind(tenant_id)
         .bind(target_user)
-        .bind(limit as i64)
+        .bind(limit.map(|l| l as i64))
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -1316,7 +1316,7 @@ impl AccessStore for SqliteStore {
         &self,
         tenant_id: &str,
         target_user: Option<&str>,
-        limit: usize,
+        limit: Option<usize>,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         sqlx::query(
             "SELECT * FROM audit_log WHERE tenant_id = ?1 AND (?2 IS NULL OR target_user = ?2) \
@@ -1324,7 +1324,7 @@ impl AccessStore for SqliteStore {
         )
         .bind(tenant_id)
         .bind(target_user)
-        .bind(limit as i64)
+        .bind(limit.map_or(-1, |l| l as i64))
         .fetch_all(&self.pool)
         .await?
         .iter()
