@@ -225,6 +225,21 @@ async fn create_namespace(client: &Client, ns: &str) -> Api<Namespace> {
     namespaces
 }
 
+/// A namespaced API of a custom resource the test cluster knows (CNPG, KEDA, …).
+fn dynamic_api(
+    client: &Client,
+    ns: &str,
+    group: &str,
+    version: &str,
+    kind: &str,
+) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        ns,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind)),
+    )
+}
+
 fn lease_holder(lease: Option<k8s_openapi::api::coordination::v1::Lease>) -> Option<String> {
     lease?.spec?.holder_identity
 }
@@ -351,15 +366,8 @@ async fn failover_managed_citus_and_delete_policy() {
     );
 
     // KEDA is installed in the test cluster: the pipeline scales on the queue, the api on CPU.
-    let scaled: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        &ns,
-        &ApiResource::from_gvk(&GroupVersionKind::gvk(
-            "keda.sh",
-            "v1alpha1",
-            "ScaledObject",
-        )),
-    );
+    let scaled: Api<DynamicObject> =
+        dynamic_api(&client, &ns, "keda.sh", "v1alpha1", "ScaledObject");
     let queue = scaled.get("memu-doomed-pipeline").await.unwrap();
     assert_eq!(queue.data["spec"]["triggers"][0]["type"], "postgresql");
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
@@ -390,15 +398,7 @@ async fn failover_managed_citus_and_delete_policy() {
     .await;
 
     // Delete policy: the finalizer removes the database, then the object goes.
-    let cnpg: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        &ns,
-        &ApiResource::from_gvk(&GroupVersionKind::gvk(
-            "postgresql.cnpg.io",
-            "v1",
-            "Cluster",
-        )),
-    );
+    let cnpg: Api<DynamicObject> = dynamic_api(&client, &ns, "postgresql.cnpg.io", "v1", "Cluster");
     assert!(cnpg.get_opt("memu-doomed-db").await.unwrap().is_some());
     assert!(
         clusters
@@ -444,15 +444,7 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
     let ns = format!("e2e-{}", std::process::id());
     let namespaces = create_namespace(&client, &ns).await;
     let clusters: Api<MemUCluster> = Api::namespaced(client.clone(), &ns);
-    let raw: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        &ns,
-        &ApiResource::from_gvk(&GroupVersionKind::gvk(
-            "memu.dev",
-            "v1alpha1",
-            "MemUCluster",
-        )),
-    );
+    let raw: Api<DynamicObject> = dynamic_api(&client, &ns, "memu.dev", "v1alpha1", "MemUCluster");
 
     // Invalid specs are rejected by the API server with readable messages.
     let invalid = [
@@ -586,15 +578,7 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
         .await
         .unwrap();
     assert_eq!(jobs.items.len(), 1);
-    let cnpg: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        &ns,
-        &ApiResource::from_gvk(&GroupVersionKind::gvk(
-            "postgresql.cnpg.io",
-            "v1",
-            "Cluster",
-        )),
-    );
+    let cnpg: Api<DynamicObject> = dynamic_api(&client, &ns, "postgresql.cnpg.io", "v1", "Cluster");
     let db = cnpg.get("memu-medium-db").await.unwrap();
     assert!(
         db.metadata.owner_references.is_none(),

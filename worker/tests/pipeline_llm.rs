@@ -84,6 +84,19 @@ fn ten_turns(topic: &str) -> Value {
     json!(turns)
 }
 
+/// The two replies of a memorize that extracts one fact and files it in one category, whose
+/// summary becomes that fact.
+fn script_one_fact(
+    stub: &OpenAiStub,
+    caption: &str,
+    memory_type: &str,
+    fact: &str,
+    category: &str,
+) {
+    reply(stub, extraction(caption, &[(memory_type, fact)]));
+    reply(stub, filing(&[(0, category)], &[(category, fact)]));
+}
+
 async fn memorize(server: &TestServer, user: &str, conversation: Value) -> Value {
     let (status, body) = server
         .post(
@@ -266,16 +279,12 @@ async fn repair_then_clean_failure(postgres: bool) {
             ..Default::default()
         },
     );
-    reply(
+    script_one_fact(
         &stub,
-        extraction("Maria's home", &[("profile", "Maria lives in Lisbon.")]),
-    );
-    reply(
-        &stub,
-        filing(
-            &[(0, "personal_info")],
-            &[("personal_info", "Maria lives in Lisbon.")],
-        ),
+        "Maria's home",
+        "profile",
+        "Maria lives in Lisbon.",
+        "personal_info",
     );
     let task = memorize(
         &server,
@@ -489,19 +498,12 @@ async fn categories_never_cross_users(postgres: bool) {
     )
     .await;
     assert_eq!(a["status"], "SUCCESS");
-    reply(
+    script_one_fact(
         &stub,
-        extraction(
-            "Carol's plans",
-            &[("profile", "Carol wants to run a marathon.")],
-        ),
-    );
-    reply(
-        &stub,
-        filing(
-            &[(0, "goals")],
-            &[("goals", "Carol wants to run a marathon.")],
-        ),
+        "Carol's plans",
+        "profile",
+        "Carol wants to run a marathon.",
+        "goals",
     );
     let c = memorize(
         &server,
@@ -544,16 +546,12 @@ on_both_stores!(categories_never_cross_users: isolation_sqlite, isolation_postgr
 
 async fn llm_retrieve_stops_at_the_first_sufficient_tier(postgres: bool) {
     let (server, stub, _db) = llm_server(postgres, |_| {}).await;
-    reply(
+    script_one_fact(
         &stub,
-        extraction("Maria's home", &[("profile", "Maria lives in Lisbon.")]),
-    );
-    reply(
-        &stub,
-        filing(
-            &[(0, "personal_info")],
-            &[("personal_info", "Maria lives in Lisbon.")],
-        ),
+        "Maria's home",
+        "profile",
+        "Maria lives in Lisbon.",
+        "personal_info",
     );
     memorize(
         &server,
