@@ -84,6 +84,7 @@ pub fn parse_scopes(text: &str) -> Result<BTreeSet<ApiScope>, String> {
 
 /// Per-tenant limits; `None` falls back to the worker's configured default.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TenantLimits {
     /// Requests per second (token bucket, burst = 2 s worth).
     pub rate_limit_rps: Option<f64>,
@@ -93,7 +94,7 @@ pub struct TenantLimits {
     pub tokens_per_day: Option<u64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct Tenant {
     pub tenant_id: String,
     pub name: String,

@@ -265,10 +265,11 @@ async fn readme_flow_with_defaults_and_the_local_model() {
         .arg("serve")
         .env("MEMU_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("MEMU_PROVIDERS__LOCAL__MODEL_DIR", common::model_dir())
-        .stderr(Stdio::null())
+        .env("RUST_LOG", "debug")
+        .stderr(std::fs::File::create(dir.path().join("worker.log")).unwrap())
         .spawn()
         .unwrap();
-    let _running = Running(child);
+    let running = Running(child);
     wait_ready(&base).await;
     let http = common::authorized_client(&key);
     let anonymous = reqwest::get(format!("{base}/api/v3/memory/memorize/status/x"))
@@ -318,4 +319,18 @@ async fn readme_flow_with_defaults_and_the_local_model() {
         found["items"][0]["summary"], "Maria lives in Lisbon and works as a marine biologist.",
         "{found}"
     );
+    // A wrong key is refused, and no key — valid or not — reaches the log, even at debug level.
+    let forged = format!("memu_aaaaaaaaaaaa_{}", "S3cr3t".repeat(8));
+    let refused = common::authorized_client(&forged)
+        .get(format!("{base}/api/v1/users/maria/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    drop(running);
+    let log = std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
+    assert!(log.contains("serving"), "the worker logged nothing: {log}");
+    let secret = key.rsplit('_').next().unwrap();
+    assert!(!log.contains(secret), "the API key is in the log");
+    assert!(!log.contains("S3cr3t"), "a presented key is in the log");
 }

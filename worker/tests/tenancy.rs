@@ -438,7 +438,7 @@ async fn admin_api_manages_tenants_keys_and_limits() {
         base,
         Method::POST,
         "/admin/v1/tenants",
-        Some(json!({"tenant_id": "acme", "name": "Acme", "rate_limit_rps": 1.0})),
+        Some(json!({"tenant_id": "acme", "name": "Acme", "limits": {"rate_limit_rps": 1.0}})),
     )
     .await;
     assert_eq!(status, 201, "{body}");

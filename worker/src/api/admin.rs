@@ -43,7 +43,8 @@ pub struct CreateTenant {
     pub tenant_id: String,
     #[serde(default)]
     pub name: String,
-    #[serde(flatten)]
+    /// Absent limits fall back to the worker's defaults.
+    #[serde(default)]
     pub limits: TenantLimits,
 }
 

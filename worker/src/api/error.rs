@@ -188,8 +188,46 @@ where
     }
 }
 
+/// Deepest nesting a request body may have: far beyond any real payload, and a hostile body
+/// is refused by one linear scan before the parser recurses into it.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Whether the JSON text nests arrays and objects deeper than `max` (strings are skipped).
+fn nests_deeper_than(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Parses JSON, turning serde's error into one that names the field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if nests_deeper_than(bytes, MAX_JSON_DEPTH) {
+        return Err(ApiError::invalid(
+            "body",
+            format!("the body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels"),
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -293,5 +331,18 @@ mod tests {
         assert_eq!(e.code, "malformed_json");
         let e = parse_json::<Body>(br#"{"user_id": "u", "items": []} x"#).unwrap_err();
         assert_eq!(e.code, "malformed_json");
+    }
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+        assert!(nests_deeper_than(deep.as_bytes(), MAX_JSON_DEPTH));
+        // Brackets and escaped quotes inside a string do not nest.
+        let flat = format!(r#"{{"a": "{}", "b": [[1]]}}"#, r#"[{\""#.repeat(100));
+        assert!(!nests_deeper_than(flat.as_bytes(), MAX_JSON_DEPTH));
+        assert!(parse_json::<serde_json::Value>(flat.as_bytes()).is_ok());
+        let e = parse_json::<serde_json::Value>(deep.as_bytes()).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.field.as_deref(), Some("body"));
     }
 }

@@ -52,6 +52,7 @@ impl From<MemoryItem> for ItemOut {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ListParams {
     pub agent_id: Option<String>,
     /// Comma-separated memory types.
@@ -103,6 +104,7 @@ where
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct AgentParam {
     /// Only this agent's data.
     pub agent_id: Option<String>,
