@@ -180,6 +180,24 @@ pub struct ServerConfig {
     pub request_timeout_secs: u64,
     /// How long SIGTERM waits for in-flight requests and the current memorize job.
     pub shutdown_grace_secs: u64,
+    /// Serve the API over HTTPS (health and metrics on `metrics_listen` stay plain HTTP).
+    pub tls: Option<TlsConfig>,
+}
+
+/// A PEM certificate chain and private key (a mounted `kubernetes.io/tls` Secret), re-read
+/// periodically so a renewed certificate is served without a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// How often the files are re-read (0 = never).
+    #[serde(default = "default_tls_reload_secs")]
+    pub reload_secs: u64,
+}
+
+fn default_tls_reload_secs() -> u64 {
+    300
 }
 
 impl Default for ServerConfig {
@@ -190,6 +208,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout_secs: 60,
             shutdown_grace_secs: 30,
+            tls: None,
         }
     }
 }

@@ -76,6 +76,44 @@ pub fn check_auth_exposure(config: &WorkerConfig) -> anyhow::Result<()> {
     }
 }
 
+/// The certificate and key of `server.tls`; the error names the files, never their content.
+async fn load_certificate(
+    tls: &memu_crds::worker::TlsConfig,
+) -> anyhow::Result<axum_server::tls_rustls::RustlsConfig> {
+    axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot load the TLS certificate {} with key {} (server.tls)",
+                tls.cert_file.display(),
+                tls.key_file.display()
+            )
+        })
+}
+
+/// Re-reads the certificate every `reload_secs` (a renewed Secret is served without a
+/// restart); a file that does not load keeps the certificate in use.
+async fn reload_certificate(
+    rustls: axum_server::tls_rustls::RustlsConfig,
+    tls: memu_crds::worker::TlsConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(tls.reload_secs));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Err(e) = rustls
+            .reload_from_pem_file(&tls.cert_file, &tls.key_file)
+            .await
+        {
+            tracing::warn!(error = %e, cert = %tls.cert_file.display(), "TLS certificate reload failed; serving the previous one");
+        }
+    }
+}
+
 /// A future that resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -120,16 +158,45 @@ pub async fn serve(
 
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(service.clone(), role, metrics_listener.is_none());
-    tracing::info!(addr = %listener.local_addr()?, %role, backend = service.store.backend(), "serving");
-    tasks.spawn({
-        let rx = stop_rx.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(wait_stop(rx))
-                .await
-                .context("HTTP server failed")
+    let tls = config.server.tls.is_some();
+    tracing::info!(addr = %listener.local_addr()?, %role, backend = service.store.backend(), tls, "serving");
+    match &config.server.tls {
+        None => {
+            let rx = stop_rx.clone();
+            tasks.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(wait_stop(rx))
+                    .await
+                    .context("HTTP server failed")
+            });
         }
-    });
+        Some(tls) => {
+            let rustls = load_certificate(tls).await?;
+            if tls.reload_secs > 0 {
+                tokio::spawn(reload_certificate(
+                    rustls.clone(),
+                    tls.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            let handle = axum_server::Handle::new();
+            let rx = stop_rx.clone();
+            let stopping = handle.clone();
+            // The grace period is enforced below, for every listener alike.
+            tokio::spawn(async move {
+                wait_stop(rx).await;
+                stopping.graceful_shutdown(None);
+            });
+            let listener = listener.into_std()?;
+            tasks.spawn(async move {
+                axum_server::tls_rustls::from_tcp_rustls(listener, rustls)?
+                    .handle(handle)
+                    .serve(app.into_make_service())
+                    .await
+                    .context("HTTPS server failed")
+            });
+        }
+    }
     if let Some(listener) = metrics_listener {
         let ops = api::ops_router().with_state(api::AppState {
             service: service.clone(),

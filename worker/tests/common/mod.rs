@@ -156,8 +156,14 @@ impl TestServer {
             .expect("build service");
         // Every test talks as a real client: with a key of tenant `default`.
         let api_key = issue_key(&service, "default", "read,write,admin").await;
+        let tls = service.config.server.tls.is_some();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        // Test certificates name `localhost`.
+        let base = match tls {
+            true => format!("https://localhost:{port}"),
+            false => format!("http://127.0.0.1:{port}"),
+        };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(memu_worker::server::serve(
             service.clone(),
