@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 
 use memu_crds::worker::{AuthConfig, AuthMode};
 
+use crate::cache::Cache;
 use crate::store::{MemoryStore, StoreError};
 use crate::tenancy::{
     ApiKeyRecord, ApiScope, DEFAULT_TENANT, SYSTEM_TENANT, Tenant, TenantLimits, generate_key,
@@ -66,17 +67,12 @@ struct CachedKey {
     fetched: Instant,
 }
 
-/// Token bucket of one tenant.
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
-
 pub struct Access {
     store: Arc<dyn MemoryStore>,
     config: AuthConfig,
     keys: Mutex<HashMap<String, CachedKey>>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Holds the tenants' token buckets: Redis (shared by the replicas) or this process.
+    limiter: Arc<dyn Cache>,
 }
 
 /// Start of the current UTC day, and seconds until the next.
@@ -94,12 +90,12 @@ fn utc_day() -> (DateTime<Utc>, u64) {
 }
 
 impl Access {
-    pub fn new(store: Arc<dyn MemoryStore>, config: AuthConfig) -> Self {
+    pub fn new(store: Arc<dyn MemoryStore>, config: AuthConfig, limiter: Arc<dyn Cache>) -> Self {
         Self {
             store,
             config,
             keys: Mutex::new(HashMap::new()),
-            buckets: Mutex::new(HashMap::new()),
+            limiter,
         }
     }
 
@@ -188,7 +184,7 @@ impl Access {
     }
 
     /// Takes one request from the tenant's bucket (burst = 2 s of the rate).
-    pub fn admit(&self, principal: &Principal) -> Result<(), AccessError> {
+    pub async fn admit(&self, principal: &Principal) -> Result<(), AccessError> {
         let rate = principal
             .limits
             .rate_limit_rps
@@ -197,25 +193,14 @@ impl Access {
             return Ok(());
         }
         let burst = (rate * 2.0).max(1.0);
-        let mut buckets = self.buckets.lock().expect("bucket lock");
-        let bucket = buckets
-            .entry(principal.tenant_id.clone())
-            .or_insert(Bucket {
-                tokens: burst,
-                updated: Instant::now(),
-            });
-        let now = Instant::now();
-        bucket.tokens =
-            (bucket.tokens + now.duration_since(bucket.updated).as_secs_f64() * rate).min(burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
-        }
-        Err(AccessError::Limited {
-            what: "request rate limit of the tenant reached",
-            retry_after_secs: ((1.0 - bucket.tokens) / rate).ceil().max(1.0) as u64,
-        })
+        let key = format!("memu:rate:{}", principal.tenant_id);
+        self.limiter
+            .take_token(&key, rate, burst)
+            .await
+            .map_err(|wait| AccessError::Limited {
+                what: "request rate limit of the tenant reached",
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })
     }
 
     /// Refuses a new memorize job when the tenant used up today's jobs or LLM tokens.

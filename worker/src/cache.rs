@@ -22,12 +22,44 @@ pub trait Cache: Send + Sync {
     /// The current value of a counter (0 when never bumped).
     async fn counter(&self, key: &str) -> u64;
     async fn bump(&self, key: &str);
+    /// Takes one request from the token bucket `key` (`rate` per second, `burst` at once):
+    /// `Err(wait)` when empty. Redis makes the bucket shared by every replica.
+    async fn take_token(&self, key: &str, rate: f64, burst: f64) -> Result<(), Duration>;
 }
+
+/// The bucket as GCRA: `tat` is the theoretical arrival time of the next request. Returns the
+/// new `tat`, or how long to wait (all in microseconds).
+fn gcra(tat: Option<f64>, now: f64, rate: f64, burst: f64) -> Result<f64, f64> {
+    let interval = 1e6 / rate;
+    let tolerance = (burst - 1.0).max(0.0) * interval;
+    let tat = tat.unwrap_or(now).max(now);
+    match tat - now > tolerance {
+        true => Err(tat - now - tolerance),
+        false => Ok(tat + interval),
+    }
+}
+
+/// GCRA in Redis, timed by the Redis server's clock so replicas' clocks do not matter.
+const TAKE_TOKEN_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+if tat - now > tolerance then return math.ceil(tat - now - tolerance) end
+local new = math.floor(tat + interval)
+redis.call('SET', KEYS[1], string.format('%d', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+return 0
+";
 
 /// One process's cache: an LRU with expiry, and counters.
 pub struct MemoryCache {
     entries: Mutex<lru::LruCache<String, (Instant, Vec<u8>)>>,
     counters: Mutex<HashMap<String, u64>>,
+    /// Token buckets: next theoretical arrival, in microseconds since `epoch`.
+    buckets: Mutex<HashMap<String, f64>>,
+    epoch: Instant,
 }
 
 impl MemoryCache {
@@ -37,6 +69,8 @@ impl MemoryCache {
                 NonZeroUsize::new(capacity.max(1)).expect("nonzero"),
             )),
             counters: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         }
     }
 }
@@ -82,6 +116,18 @@ impl Cache for MemoryCache {
             .expect("cache lock")
             .entry(key.to_string())
             .or_default() += 1;
+    }
+
+    async fn take_token(&self, key: &str, rate: f64, burst: f64) -> Result<(), Duration> {
+        let now = self.epoch.elapsed().as_secs_f64() * 1e6;
+        let mut buckets = self.buckets.lock().expect("cache lock");
+        match gcra(buckets.get(key).copied(), now, rate, burst) {
+            Ok(tat) => {
+                buckets.insert(key.to_string(), tat);
+                Ok(())
+            }
+            Err(wait) => Err(Duration::from_micros(wait.ceil() as u64)),
+        }
     }
 }
 
@@ -149,6 +195,27 @@ impl Cache for RedisCache {
             .await
             .map_err(|e| warn("bump", e));
     }
+
+    async fn take_token(&self, key: &str, rate: f64, burst: f64) -> Result<(), Duration> {
+        let interval = 1e6 / rate;
+        let tolerance = (burst - 1.0).max(0.0) * interval;
+        let mut c = self.connection.clone();
+        let wait: Result<i64, _> = redis::Script::new(TAKE_TOKEN_SCRIPT)
+            .key(key)
+            .arg(interval)
+            .arg(tolerance)
+            .invoke_async(&mut c)
+            .await;
+        match wait {
+            Ok(0) => Ok(()),
+            Ok(micros) => Err(Duration::from_micros(micros.max(1) as u64)),
+            // Like every cache error: the request goes on (an outage must not stop the API).
+            Err(e) => {
+                warn("take_token", e);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Key of a user's generation counter.
@@ -186,6 +253,12 @@ mod tests {
         cache.bump("g").await;
         cache.bump("g").await;
         assert_eq!(cache.counter("g").await, 2);
+        // 1 per second with a burst of 2: two now, the third waits about a second.
+        assert!(cache.take_token("t", 1.0, 2.0).await.is_ok());
+        assert!(cache.take_token("t", 1.0, 2.0).await.is_ok());
+        let wait = cache.take_token("t", 1.0, 2.0).await.unwrap_err();
+        assert!(wait > Duration::from_millis(500) && wait <= Duration::from_secs(1));
+        assert!(cache.take_token("other", 1.0, 2.0).await.is_ok());
         let v = vec![0.5f32, -1.25, 3.0];
         assert_eq!(decode_vector(&encode_vector(&v)).unwrap(), v);
         assert!(decode_vector(&[1, 2, 3]).is_none());

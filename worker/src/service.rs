@@ -208,7 +208,11 @@ impl MemoryService {
     ) -> Self {
         let cache = NonZeroUsize::new(config.embedding.query_cache_size.max(1)).expect("nonzero");
         Self {
-            access: crate::access::Access::new(store.clone(), config.auth.clone()),
+            access: crate::access::Access::new(
+                store.clone(),
+                config.auth.clone(),
+                Arc::new(MemoryCache::new(1)),
+            ),
             config,
             store,
             embedder,
@@ -237,6 +241,14 @@ impl MemoryService {
             )),
             None => None,
         };
+        if let Some(shared) = &redis {
+            // Tenants' request rates are counted once for all replicas.
+            self.access = crate::access::Access::new(
+                self.store.clone(),
+                self.config.auth.clone(),
+                shared.clone(),
+            );
+        }
         self.shared_cache = redis;
         self
     }

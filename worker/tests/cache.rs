@@ -118,3 +118,49 @@ async fn the_local_result_cache_is_invalidated_by_writes() {
     assert_eq!(hits(&metrics, "memu_retrieve_cache_hits_total"), 1);
     server.stop().await.unwrap();
 }
+
+/// A tenant's request rate is one budget across replicas when they share Redis.
+#[tokio::test]
+async fn replicas_share_the_tenants_rate_limit() {
+    let stub = common::stub().await;
+    let (mut config, _db) = common::with_backend(common::stub_config(&stub), true).await;
+    let var = format!("MEMU_TEST_REDIS_{}", uuid::Uuid::new_v4().simple());
+    // SAFETY: a variable of this test's own name; nothing reads it concurrently.
+    unsafe { std::env::set_var(&var, redis_url()) };
+    config.cache.redis_url_env = var;
+    let a = TestServer::start(config.clone()).await;
+    let b = TestServer::start(config).await;
+    // One request per 10 s, no burst: a second request anywhere within 10 s is refused.
+    let tenant = format!("rate-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let key = common::issue_key(&a.service, &tenant, "read").await;
+    a.service
+        .access
+        .set_limits(
+            &tenant,
+            &memu_worker::tenancy::TenantLimits {
+                rate_limit_rps: Some(0.1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let http = common::authorized_client(&key);
+    let first = http
+        .get(a.url("/api/v1/users/u/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let second = http
+        .get(b.url("/api/v1/users/u/items"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 429, "replica B did not see A's request");
+    let wait: u64 = second.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&wait), "{wait}");
+}

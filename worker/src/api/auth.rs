@@ -151,7 +151,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     };
     let checked = async {
         caller.principal.require(required_scope(&method, &route))?;
-        access.admit(&caller.principal)?;
+        access.admit(&caller.principal).await?;
         if method == Method::POST && JOB_ROUTES.contains(&route.as_str()) {
             access.check_daily_quota(&caller.principal).await?;
         }
