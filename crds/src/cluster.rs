@@ -300,6 +300,11 @@ pub struct MemUClusterSpec {
     /// Shared cache of the workers (large tier).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheSpec>,
+    /// HTTPS for the worker API: every pod serving the API mounts this certificate Secret and
+    /// its API port (8080) speaks HTTPS only; health, readiness and metrics move to plain HTTP
+    /// on port 9090. A renewed Secret is served without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// Redis shared by every worker: query embeddings and retrieve results, invalidated per user.
@@ -308,6 +313,20 @@ pub struct MemUClusterSpec {
 pub struct CacheSpec {
     /// Secret key holding the Redis URL (`redis://[:password@]host:port/db`).
     pub redis_url_secret: SecretKeyRef,
+}
+
+/// The certificate the workers serve their API with. The API port speaks HTTPS only; health,
+/// readiness and metrics move to their own plain-HTTP port (9090). A renewed Secret is picked up
+/// by the running pods (they re-read the files), without a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Name of a Secret of type `kubernetes.io/tls` in the MemUCluster's namespace (keys
+    /// `tls.crt`, the PEM certificate chain, and `tls.key`, the PEM private key), e.g. one that
+    /// cert-manager issues. The operator only mounts it by name and never reads it; until it
+    /// exists the API pods wait in ContainerCreating.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 /// Observed state, kstatus-compatible (Argo CD and Flux read `Ready`/`Reconciling`/`Stalled`).

@@ -28,7 +28,8 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
     ("apps", &["deployments", "statefulsets"], MANAGE),
     ("", &["services", "configmaps", "serviceaccounts"], MANAGE),
     // The Citus credentials and the admin API key are created once and read back (membership
-    // check, rollout version); nothing else.
+    // check, rollout version), and the spec.tls Secret is looked up by name (metadata only, to
+    // report it missing); nothing else.
     ("", &["secrets"], &["get", "create"]),
     // The Delete policy removes the data volume claims.
     (

@@ -708,7 +708,18 @@ async fn observe(
         &db_message,
         generation,
     );
-    let ready = all_ready && db_ready;
+    // A missing certificate Secret keeps the API pods from starting: say which one.
+    let tls_missing = match render::tls_secret_name(cluster) {
+        Some(secret) => {
+            let exists = Api::<Secret>::namespaced(client.clone(), ns)
+                .get_metadata_opt(secret)
+                .await?
+                .is_some();
+            render::tls_secret_condition(cluster, exists)
+        }
+        None => None,
+    };
+    let ready = all_ready && db_ready && tls_missing.is_none();
     status.phase = Some(
         if ready {
             "Ready"
@@ -719,20 +730,17 @@ async fn observe(
         }
         .into(),
     );
+    let (ready_reason, ready_message) = match &tls_missing {
+        Some((reason, message)) => (*reason, message.as_str()),
+        None if ready => ("AllReplicasReady", "all workloads ready"),
+        None => ("Progressing", "waiting for workloads and database"),
+    };
     set_condition(
         &mut status.conditions,
         "Ready",
         if ready { "True" } else { "False" },
-        if ready {
-            "AllReplicasReady"
-        } else {
-            "Progressing"
-        },
-        if ready {
-            "all workloads ready"
-        } else {
-            "waiting for workloads and database"
-        },
+        ready_reason,
+        ready_message,
         generation,
     );
     set_condition(

@@ -14,10 +14,10 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector, SecurityContext,
-    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -33,7 +33,7 @@ use memu_crds::cluster::{
     WorkloadSpec, memu_provider::Preset,
 };
 use memu_crds::worker::{
-    DatabaseBackend, LogFormat, ProviderPreset, ProviderProfile, Role, WorkerConfig,
+    DatabaseBackend, LogFormat, ProviderPreset, ProviderProfile, Role, TlsConfig, WorkerConfig,
 };
 
 use crate::admin_key;
@@ -52,6 +52,17 @@ pub const CITUS_LABEL: &str = "memu.dev/citus";
 pub const DEFAULT_CITUS_IMAGE: &str = "ghcr.io/memu-k8s/citus-pgvector:12.1-pg15";
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/memu-k8s/memu-worker:", env!("CARGO_PKG_VERSION"));
 const PORT: i32 = 8080;
+/// Health, readiness and metrics when the API speaks HTTPS (`server.metrics_listen`, plain HTTP).
+pub const METRICS_PORT: i32 = 9090;
+/// Where the pods serving the API mount the `spec.tls` Secret. Beside the config directory, not
+/// in it: a mount point inside the read-only config volume could not be created.
+pub const TLS_DIR: &str = "/etc/memu-tls";
+const TLS_VOLUME: &str = "tls";
+/// How often the workers re-read the certificate files (the worker's default).
+pub const TLS_RELOAD_SECS: u64 = 300;
+/// Set to `null` in pipeline-only containers: unsets `server.tls` of the shared configuration
+/// (the worker's `MEMU_<SECTION>__<KEY>` override), so they serve plain HTTP without a certificate.
+pub const NO_TLS_ENV: &str = "MEMU_SERVER__TLS";
 const CONFIG_PATH: &str = "/etc/memu/worker.yaml";
 const DATA_DIR: &str = "/var/lib/memu";
 /// Where the worker image keeps its local embedding model.
@@ -207,6 +218,15 @@ pub fn worker_config(cluster: &MemUCluster) -> Result<WorkerConfig, SpecError> {
     let spec = &cluster.spec;
     let mut config = WorkerConfig::default();
     config.server.listen = format!("0.0.0.0:{PORT}");
+    if spec.tls.is_some() {
+        // HTTPS on the API port only: probes and scrapes keep plain HTTP on a port of their own.
+        config.server.metrics_listen = Some(format!("0.0.0.0:{METRICS_PORT}"));
+        config.server.tls = Some(TlsConfig {
+            cert_file: format!("{TLS_DIR}/tls.crt").into(),
+            key_file: format!("{TLS_DIR}/tls.key").into(),
+            reload_secs: TLS_RELOAD_SECS,
+        });
+    }
     config.logging.format = LogFormat::Json;
     match spec.topology() {
         Topology::Sqlite => {
@@ -458,12 +478,37 @@ fn admin_key_env(cluster: &MemUCluster) -> EnvVar {
 /// endpoint and the admin-key Secret's name (only its name).
 pub fn identify(cluster: &MemUCluster, status: &mut MemUClusterStatus) {
     status.topology = Some(cluster.spec.topology());
+    let scheme = if cluster.spec.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     status.endpoint = Some(format!(
-        "http://{}-api.{}.svc:{PORT}",
+        "{scheme}://{}-api.{}.svc:{PORT}",
         name(cluster),
         namespace(cluster)
     ));
     status.admin_key_secret = Some(admin_key_name(cluster));
+}
+
+/// The `spec.tls` Secret the pods serving the API mount (by name only: never read).
+pub fn tls_secret_name(cluster: &MemUCluster) -> Option<&str> {
+    cluster.spec.tls.as_ref().map(|t| t.secret_name.as_str())
+}
+
+/// `Ready=False` reason and message while the `spec.tls` Secret does not exist (the pods that
+/// mount it cannot start); `None` when there is no `spec.tls` or the Secret exists. The message
+/// names the Secret only.
+pub fn tls_secret_condition(cluster: &MemUCluster, exists: bool) -> Option<(&'static str, String)> {
+    let secret = tls_secret_name(cluster).filter(|_| !exists)?;
+    Some((
+        "TlsSecretMissing",
+        format!(
+            "the Secret {secret} named by spec.tls.secretName does not exist in namespace {}: \
+             the pods serving the API wait for it",
+            namespace(cluster)
+        ),
+    ))
 }
 
 /// Pod-template annotation carrying the admin-key Secret's version, so that replacing the
@@ -754,11 +799,78 @@ fn resources(tier: Tier, role: Role, spec: &WorkloadSpec) -> ResourceRequirement
     }
 }
 
-fn probe(path: &str) -> Probe {
+/// The port serving health, readiness and metrics over plain HTTP, by name and number: the API
+/// port (`http`), or with `spec.tls` the separate `metrics` port.
+pub fn ops_port(cluster: &MemUCluster) -> (&'static str, i32) {
+    if cluster.spec.tls.is_some() {
+        ("metrics", METRICS_PORT)
+    } else {
+        ("http", PORT)
+    }
+}
+
+/// Name of the API port: `https` with `spec.tls`, else `http`.
+fn api_port_name(cluster: &MemUCluster) -> &'static str {
+    if cluster.spec.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+/// The API Service's ports: the API, plus the plain-HTTP metrics port when the API is HTTPS
+/// (the ServiceMonitor scrapes it by name).
+fn api_service_ports(cluster: &MemUCluster) -> Vec<ServicePort> {
+    let api = api_port_name(cluster);
+    let mut ports = vec![ServicePort {
+        name: Some(api.into()),
+        port: PORT,
+        target_port: Some(IntOrString::String(api.into())),
+        app_protocol: cluster.spec.tls.is_some().then(|| "https".into()),
+        ..Default::default()
+    }];
+    if cluster.spec.tls.is_some() {
+        ports.push(ServicePort {
+            name: Some("metrics".into()),
+            port: METRICS_PORT,
+            target_port: Some(IntOrString::String("metrics".into())),
+            app_protocol: Some("http".into()),
+            ..Default::default()
+        });
+    }
+    ports
+}
+
+/// The `spec.tls` Secret as a volume: only the two files the worker reads (a Secret without one
+/// of the keys fails the mount with an event naming it), readable by the worker's group only.
+/// No subPath anywhere, so the kubelet updates the files in place when the Secret is renewed.
+fn tls_volume(secret_name: &str) -> Volume {
+    Volume {
+        name: TLS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name.into()),
+            items: Some(
+                ["tls.crt", "tls.key"]
+                    .into_iter()
+                    .map(|key| KeyToPath {
+                        key: key.into(),
+                        path: key.into(),
+                        mode: None,
+                    })
+                    .collect(),
+            ),
+            default_mode: Some(0o440),
+            optional: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, port: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::Int(PORT),
+            port: IntOrString::Int(port),
             ..Default::default()
         }),
         period_seconds: Some(10),
@@ -795,6 +907,18 @@ fn container(
         });
     }
     let serving = args.first().is_some_and(|a| a == "serve");
+    let tls = cluster.spec.tls.is_some();
+    // Pipeline-only workers serve no API: they need no certificate.
+    let serves_api = serving && role.serves_api();
+    if serves_api && tls {
+        mounts.push(VolumeMount {
+            name: TLS_VOLUME.into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let (ops_name, ops_number) = ops_port(cluster);
     Container {
         name: "worker".into(),
         image: Some(image(cluster)),
@@ -810,17 +934,31 @@ fn container(
             .chain(worker_env(cluster))
             // Serving workers install the bootstrap admin key on start; migrations need none.
             .chain(serving.then(|| admin_key_env(cluster)))
+            // The shared configuration carries `server.tls`; a worker that serves no API has no
+            // certificate mounted and must not try to load one.
+            .chain((serving && tls && !serves_api).then(|| EnvVar {
+                name: NO_TLS_ENV.into(),
+                value: Some("null".into()),
+                ..Default::default()
+            }))
             .collect(),
         ),
         ports: serving.then(|| {
-            vec![ContainerPort {
-                name: Some("http".into()),
+            let api = (serves_api || !tls).then(|| ContainerPort {
+                name: Some(api_port_name(cluster).into()),
                 container_port: PORT,
                 ..Default::default()
-            }]
+            });
+            let ops = tls.then(|| ContainerPort {
+                name: Some(ops_name.into()),
+                container_port: ops_number,
+                ..Default::default()
+            });
+            api.into_iter().chain(ops).collect()
         }),
-        readiness_probe: serving.then(|| probe("/readyz")),
-        liveness_probe: serving.then(|| probe("/healthz")),
+        // Probes speak plain HTTP: to the API port, or with TLS to the metrics port.
+        readiness_probe: serving.then(|| probe("/readyz", ops_number)),
+        liveness_probe: serving.then(|| probe("/healthz", ops_number)),
         resources: Some(resources(cluster.spec.tier, role, workload)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -855,6 +993,22 @@ fn pod_template(
             ..Default::default()
         });
     }
+    let worker = container(
+        cluster,
+        role,
+        vec!["serve".into(), "--role".into(), role.to_string()],
+        workload,
+    );
+    // The certificate volume exactly where the container mounts it (the API-serving roles).
+    if let Some(tls) = &cluster.spec.tls
+        && worker
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == TLS_VOLUME)
+    {
+        volumes.push(tls_volume(&tls.secret_name));
+    }
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(cluster, component)),
@@ -868,12 +1022,7 @@ fn pod_template(
         spec: Some(PodSpec {
             service_account_name: Some(format!("{}-worker", name(cluster))),
             automount_service_account_token: Some(false),
-            containers: vec![container(
-                cluster,
-                role,
-                vec!["serve".into(), "--role".into(), role.to_string()],
-                workload,
-            )],
+            containers: vec![worker],
             volumes: Some(volumes),
             node_selector: workload.node_selector.clone(),
             tolerations: workload.tolerations.clone(),
@@ -1040,12 +1189,7 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
         metadata: meta(cluster, format!("{n}-api"), api_component, true),
         spec: Some(ServiceSpec {
             selector: Some(selector(cluster, api_component)),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: PORT,
-                target_port: Some(IntOrString::String("http".into())),
-                ..Default::default()
-            }]),
+            ports: Some(api_service_ports(cluster)),
             ..Default::default()
         }),
         ..Default::default()
@@ -1164,8 +1308,14 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
             });
         }
         // Schema migrations run once per worker version and configuration.
-        let mut template =
-            pod_template(cluster, "migrate", Role::All, &spec.pipeline, &config_hash);
+        // Rendered as a pipeline pod (no API, so no certificate volume), then given its command.
+        let mut template = pod_template(
+            cluster,
+            "migrate",
+            Role::Pipeline,
+            &spec.pipeline,
+            &config_hash,
+        );
         if let Some(pod) = template.spec.as_mut() {
             pod.restart_policy = Some("OnFailure".into());
             // On Citus the same Job then distributes the tables by user_id (after migrating).
@@ -1251,10 +1401,12 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
             "v1",
             "ServiceMonitor",
         ));
+        // Metrics are plain HTTP on their port, also when the API speaks HTTPS.
+        let (metrics_port, _) = ops_port(cluster);
         let mut object = DynamicObject::new(&format!("{n}-worker"), &ar).data(json!({
             "spec": {
                 "selector": {"matchLabels": {CLUSTER_LABEL: n}},
-                "endpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}],
+                "endpoints": [{"port": metrics_port, "path": "/metrics", "interval": "30s"}],
             }
         }));
         object.metadata = meta(cluster, format!("{n}-worker"), "worker", true);

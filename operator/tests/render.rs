@@ -1,6 +1,9 @@
 //! The pure rendering of desired objects, from the committed sample MemUClusters.
 
-use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, PodTemplateSpec, ServicePort, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use memu_crds::cluster::MemUCluster;
 use memu_crds::worker::{DatabaseBackend, WorkerConfig};
 use memu_operator::admin_key;
@@ -743,4 +746,364 @@ fn the_admin_key_stays_out_of_status_events_and_rendered_objects() {
     assert!(note.contains(&name));
     // The Secret's own Debug would show it: hence the Plan's redacting Debug.
     assert!(format!("{secret:?}").contains(&key));
+}
+
+/// The port number of a `host:port` listen address.
+fn port_of(addr: &str) -> i32 {
+    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+fn with_tls(mut cluster: MemUCluster, secret: &str) -> MemUCluster {
+    cluster.spec.tls = Some(memu_crds::cluster::TlsSpec {
+        secret_name: secret.into(),
+    });
+    cluster
+}
+
+fn without_tls(mut cluster: MemUCluster) -> MemUCluster {
+    cluster.spec.tls = None;
+    cluster
+}
+
+/// Every probe of a serving container speaks the protocol of the port it hits: plain HTTP on a
+/// port the worker serves without TLS, HTTPS only on the API port when TLS is on. The port is
+/// also one the container declares.
+fn assert_probes_match_the_listeners(object: &str, c: &Container, config: &WorkerConfig) {
+    let listen = port_of(&config.server.listen);
+    let metrics = config.server.metrics_listen.as_deref().map(port_of);
+    let declared: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    for (kind, probe) in [
+        ("readiness", c.readiness_probe.as_ref()),
+        ("liveness", c.liveness_probe.as_ref()),
+    ] {
+        let get = probe
+            .unwrap_or_else(|| panic!("{object}: no {kind} probe"))
+            .http_get
+            .as_ref()
+            .unwrap();
+        let port = match &get.port {
+            IntOrString::Int(p) => *p,
+            IntOrString::String(name) => {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name))
+                    .unwrap_or_else(|| panic!("{object}: no port named {name}"))
+                    .container_port
+            }
+        };
+        assert!(declared.contains(&port), "{object}: {kind} probe on {port}");
+        // Health is served on metrics_listen when set, else beside the API.
+        assert_eq!(port, metrics.unwrap_or(listen), "{object}: {kind} probe");
+        let https = get.scheme.as_deref() == Some("HTTPS");
+        let tls_port = config.server.tls.is_some() && port == listen && metrics.is_none();
+        assert_eq!(
+            https, tls_port,
+            "{object}: {kind} probe scheme {:?}",
+            get.scheme
+        );
+    }
+}
+
+fn component_of(template: &PodTemplateSpec) -> String {
+    template.metadata.as_ref().unwrap().labels.as_ref().unwrap()[render::COMPONENT_LABEL].clone()
+}
+
+fn mounts_of(c: &Container) -> Vec<VolumeMount> {
+    c.volume_mounts.clone().unwrap_or_default()
+}
+
+#[test]
+fn spec_tls_mounts_the_certificate_into_the_api_pods_and_the_worker_serves_https() {
+    // The large sample names its certificate Secret; medium and small get one here.
+    let large = sample("large");
+    assert_eq!(render::tls_secret_name(&large), Some("memu-large-tls"));
+    for cluster in [
+        large,
+        with_tls(sample("medium"), "medium-cert"),
+        with_tls(sample("small"), "small-cert"),
+    ] {
+        let n = cluster.metadata.name.clone().unwrap();
+        let secret = render::tls_secret_name(&cluster).unwrap().to_string();
+        let d = desired(&cluster, ALL).unwrap();
+        let config = config_of(&d);
+        let tls = config.server.tls.clone().expect("server.tls rendered");
+        assert_eq!(tls.reload_secs, render::TLS_RELOAD_SECS);
+        let metrics = config
+            .server
+            .metrics_listen
+            .clone()
+            .expect("metrics_listen");
+        assert_ne!(port_of(&metrics), port_of(&config.server.listen));
+        let mut serving_api = 0;
+        for (object, template) in templates(&d) {
+            let component = component_of(template);
+            let pod = template.spec.as_ref().unwrap();
+            let volumes = pod.volumes.clone().unwrap_or_default();
+            let tls_volumes: Vec<&Volume> = volumes
+                .iter()
+                .filter(|v| {
+                    v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(&secret)
+                })
+                .collect();
+            for c in &pod.containers {
+                // subPath mounts are never updated by the kubelet: none anywhere.
+                for m in mounts_of(c) {
+                    assert!(
+                        m.sub_path.is_none() && m.sub_path_expr.is_none(),
+                        "{object}: {m:?}"
+                    );
+                }
+            }
+            if !["api", "worker"].contains(&component.as_str()) {
+                // Pipeline, migrations and database pods have neither the volume nor the files.
+                assert!(
+                    tls_volumes.is_empty(),
+                    "{object} ({component}) mounts the certificate"
+                );
+                for c in &pod.containers {
+                    assert!(
+                        mounts_of(c).iter().all(|m| m.mount_path != render::TLS_DIR),
+                        "{object}"
+                    );
+                }
+                continue;
+            }
+            serving_api += 1;
+            assert_eq!(tls_volumes.len(), 1, "{object}: {volumes:?}");
+            let source = tls_volumes[0].secret.as_ref().unwrap();
+            assert_eq!(
+                source.optional, None,
+                "a missing Secret must hold the pod back"
+            );
+            let files: Vec<(&str, &str)> = source
+                .items
+                .iter()
+                .flatten()
+                .map(|i| (i.key.as_str(), i.path.as_str()))
+                .collect();
+            assert_eq!(files, [("tls.crt", "tls.crt"), ("tls.key", "tls.key")]);
+            let c = &pod.containers[0];
+            let mount = mounts_of(c)
+                .into_iter()
+                .find(|m| m.name == tls_volumes[0].name)
+                .unwrap_or_else(|| panic!("{object}: the certificate volume is not mounted"));
+            assert_eq!(mount.read_only, Some(true));
+            // The configuration points at the files of that mount.
+            let dir = std::path::Path::new(&mount.mount_path);
+            assert_eq!(tls.cert_file, dir.join("tls.crt"), "{object}");
+            assert_eq!(tls.key_file, dir.join("tls.key"), "{object}");
+            // Not nested in another mount (the read-only config volume).
+            for other in mounts_of(c).iter().filter(|m| m.name != mount.name) {
+                assert!(
+                    !dir.starts_with(&other.mount_path),
+                    "{object}: {} inside {}",
+                    mount.mount_path,
+                    other.mount_path
+                );
+            }
+            assert!(c.env.iter().flatten().all(|e| e.name != render::NO_TLS_ENV));
+            let ports: Vec<_> = c
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| (p.name.clone().unwrap(), p.container_port))
+                .collect();
+            assert_eq!(
+                ports,
+                [
+                    ("https".to_string(), 8080),
+                    ("metrics".to_string(), port_of(&metrics))
+                ],
+                "{object}"
+            );
+            assert_probes_match_the_listeners(&object, c, &config);
+        }
+        assert_eq!(
+            serving_api, 1,
+            "{n}: the api Deployment or the SQLite StatefulSet"
+        );
+
+        // The API Service advertises HTTPS and also exposes the plain metrics port.
+        let service = d
+            .services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(&format!("{n}-api")))
+            .unwrap();
+        let ports = service.spec.as_ref().unwrap().ports.clone().unwrap();
+        let https = ports.iter().find(|p| p.port == 8080).unwrap();
+        assert_eq!(
+            (https.name.as_deref(), https.app_protocol.as_deref()),
+            (Some("https"), Some("https"))
+        );
+        let metrics_port = ports.iter().find(|p| p.port == port_of(&metrics)).unwrap();
+        assert_eq!(metrics_port.app_protocol.as_deref(), Some("http"));
+        // The ServiceMonitor scrapes the Service port that leads to the plain metrics listener.
+        let (_, monitor) = d
+            .dynamic
+            .iter()
+            .find(|(ar, _)| ar.kind == "ServiceMonitor")
+            .unwrap();
+        let endpoint = &monitor.data["spec"]["endpoints"][0];
+        assert_eq!(endpoint["port"], metrics_port.name.clone().unwrap());
+        assert!(endpoint.get("scheme").is_none_or(|s| s == "http"));
+        assert_eq!(
+            metrics_port.target_port,
+            Some(IntOrString::String("metrics".into()))
+        );
+
+        let mut status = memu_crds::cluster::MemUClusterStatus::default();
+        render::identify(&cluster, &mut status);
+        assert_eq!(
+            status.endpoint.as_deref(),
+            Some(format!("https://{n}-api.apps.svc:8080").as_str())
+        );
+    }
+}
+
+#[test]
+fn pipeline_workers_and_migrations_stay_without_the_certificate() {
+    let tls = desired(&sample("large"), ALL).unwrap();
+    let plain = desired(&without_tls(sample("large")), ALL).unwrap();
+    let pipeline = |d: &render::Desired| -> PodTemplateSpec {
+        d.deployments
+            .iter()
+            .find(|x| x.metadata.name.as_deref() == Some("memu-large-pipeline"))
+            .unwrap()
+            .spec
+            .clone()
+            .unwrap()
+            .template
+    };
+    let migrate = |d: &render::Desired| d.jobs[0].spec.clone().unwrap().template;
+    // The pipeline reads the shared configuration without `server.tls` (it has no files), and
+    // probes the plain health port.
+    let with = pipeline(&tls);
+    let c = &with.spec.as_ref().unwrap().containers[0];
+    let unset = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == render::NO_TLS_ENV)
+        .expect("pipeline unsets server.tls");
+    assert_eq!(unset.value.as_deref(), Some("null"));
+    let mut config = config_of(&tls);
+    config.server.tls = None;
+    assert_probes_match_the_listeners("memu-large-pipeline", c, &config);
+    // Apart from that, the pod templates are the same as without TLS (the configuration hash,
+    // health port and that variable aside): no volume, no mount, nothing else.
+    let normalise = |mut t: PodTemplateSpec| {
+        t.metadata
+            .as_mut()
+            .unwrap()
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(CONFIG_HASH);
+        for c in &mut t.spec.as_mut().unwrap().containers {
+            c.ports = None;
+            c.readiness_probe = None;
+            c.liveness_probe = None;
+            c.env
+                .as_mut()
+                .unwrap()
+                .retain(|e| e.name != render::NO_TLS_ENV);
+        }
+        t
+    };
+    assert_eq!(normalise(pipeline(&tls)), normalise(pipeline(&plain)));
+    assert_eq!(normalise(migrate(&tls)), normalise(migrate(&plain)));
+    let migrate_env = migrate(&tls).spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(migrate_env.iter().all(|e| e.name != render::NO_TLS_ENV));
+}
+
+#[test]
+fn without_spec_tls_nothing_changes() {
+    for cluster in [
+        sample("small"),
+        sample("medium"),
+        without_tls(sample("large")),
+    ] {
+        let n = cluster.metadata.name.clone().unwrap();
+        let d = desired(&cluster, ALL).unwrap();
+        let config = config_of(&d);
+        assert_eq!(config.server.tls, None, "{n}");
+        assert_eq!(config.server.metrics_listen, None, "{n}");
+        assert_eq!(config.server.listen, "0.0.0.0:8080");
+        for (object, template) in templates(&d) {
+            let pod = template.spec.as_ref().unwrap();
+            assert!(
+                pod.volumes.iter().flatten().all(|v| v.secret.is_none()),
+                "{object}: a Secret volume"
+            );
+            for c in &pod.containers {
+                assert!(mounts_of(c).iter().all(|m| m.mount_path != render::TLS_DIR));
+                assert!(c.env.iter().flatten().all(|e| e.name != render::NO_TLS_ENV));
+                if c.readiness_probe.is_some() {
+                    let ports: Vec<_> = c
+                        .ports
+                        .iter()
+                        .flatten()
+                        .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+                        .collect();
+                    assert_eq!(ports, [("http", 8080)], "{object}");
+                    assert_probes_match_the_listeners(&object, c, &config);
+                }
+            }
+        }
+        let service = &d.services[0];
+        assert_eq!(
+            service.spec.as_ref().unwrap().ports.clone().unwrap(),
+            [ServicePort {
+                name: Some("http".into()),
+                port: 8080,
+                target_port: Some(IntOrString::String("http".into())),
+                ..Default::default()
+            }]
+        );
+        let (_, monitor) = d
+            .dynamic
+            .iter()
+            .find(|(ar, _)| ar.kind == "ServiceMonitor")
+            .unwrap();
+        assert_eq!(monitor.data["spec"]["endpoints"][0]["port"], "http");
+        let mut status = memu_crds::cluster::MemUClusterStatus::default();
+        render::identify(&cluster, &mut status);
+        assert_eq!(
+            status.endpoint.as_deref(),
+            Some(format!("http://{n}-api.apps.svc:8080").as_str())
+        );
+        assert_eq!(render::tls_secret_condition(&cluster, false), None);
+    }
+}
+
+#[test]
+fn a_missing_certificate_secret_is_reported_by_name() {
+    let cluster = sample("large");
+    assert_eq!(render::tls_secret_condition(&cluster, true), None);
+    let (reason, message) = render::tls_secret_condition(&cluster, false).unwrap();
+    assert_eq!(reason, "TlsSecretMissing");
+    assert!(
+        message.contains("memu-large-tls") && message.contains("apps"),
+        "{message}"
+    );
+    // Turning TLS on or off rolls the pods (the configuration changes).
+    let hash = |c: &MemUCluster| {
+        desired(c, ALL).unwrap().deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH]
+            .clone()
+    };
+    assert_ne!(hash(&cluster), hash(&without_tls(cluster.clone())));
 }
