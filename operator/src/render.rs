@@ -60,9 +60,6 @@ pub const TLS_DIR: &str = "/etc/memu-tls";
 const TLS_VOLUME: &str = "tls";
 /// How often the workers re-read the certificate files (the worker's default).
 pub const TLS_RELOAD_SECS: u64 = 300;
-/// Set to `null` in pipeline-only containers: unsets `server.tls` of the shared configuration
-/// (the worker's `MEMU_<SECTION>__<KEY>` override), so they serve plain HTTP without a certificate.
-pub const NO_TLS_ENV: &str = "MEMU_SERVER__TLS";
 const CONFIG_PATH: &str = "/etc/memu/worker.yaml";
 const DATA_DIR: &str = "/var/lib/memu";
 /// Where the worker image keeps its local embedding model.
@@ -934,13 +931,8 @@ fn container(
             .chain(worker_env(cluster))
             // Serving workers install the bootstrap admin key on start; migrations need none.
             .chain(serving.then(|| admin_key_env(cluster)))
-            // The shared configuration carries `server.tls`; a worker that serves no API has no
-            // certificate mounted and must not try to load one.
-            .chain((serving && tls && !serves_api).then(|| EnvVar {
-                name: NO_TLS_ENV.into(),
-                value: Some("null".into()),
-                ..Default::default()
-            }))
+            // `server.tls` of the shared configuration applies only where the worker serves
+            // the API: pipeline-only workers need no certificate mounted.
             .collect(),
         ),
         ports: serving.then(|| {

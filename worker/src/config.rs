@@ -14,6 +14,22 @@ use serde_json::{Map, Value};
 
 pub use memu_crds::worker::WorkerConfig;
 
+/// The string values of every `*_env` key: names of variables that hold secrets.
+fn collect_env_names(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    Value::String(name) if key.ends_with("_env") => out.push(name.clone()),
+                    other => collect_env_names(other, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_env_names(v, out)),
+        _ => {}
+    }
+}
+
 /// Variables with the prefix that are not configuration keys.
 const RESERVED: &[&str] = &["MEMU_CONFIG"];
 const PREFIX: &str = "MEMU_";
@@ -50,9 +66,22 @@ pub fn load_from(
     let mut value = serde_json::to_value(WorkerConfig::default())?;
     merge(&mut value, file_value);
     let schema = serde_json::to_value(schemars::schema_for!(WorkerConfig))?;
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    // Variables the configuration names as the source of a secret (`*_env` keys, such as
+    // `auth.bootstrap_admin_key_env` or a profile's `api_key_env`) hold that secret, not
+    // configuration, whatever their prefix.
+    let mut secret_sources = Vec::new();
+    collect_env_names(&value, &mut secret_sources);
+    secret_sources.extend(
+        env.iter()
+            .filter(|(k, _)| k.starts_with(PREFIX) && k.ends_with("_ENV"))
+            .map(|(_, v)| v.clone()),
+    );
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(PREFIX) && !RESERVED.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(PREFIX) && !RESERVED.contains(&k.as_str()) && !secret_sources.contains(k)
+        })
         .collect();
     vars.sort();
     for (name, raw) in vars {
@@ -256,6 +285,30 @@ mod tests {
 
         let err = load_from(None, env(&[("MEMU_SERVER__LISTN", "x")])).unwrap_err();
         assert!(format!("{err:#}").contains("MEMU_SERVER__LISTN"), "{err:#}");
+
+        // Secrets the configuration points at are not configuration, even with the prefix:
+        // the bootstrap admin key (default name) and a provider key named in the file.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("profiles.yaml");
+        std::fs::write(
+            &file,
+            "providers:\n  llm:\n    preset: openai\n    api_key_env: MEMU_LLM_API_KEY\n",
+        )
+        .unwrap();
+        let config = load_from(
+            Some(&file),
+            env(&[
+                ("MEMU_BOOTSTRAP_ADMIN_KEY", "memu_x_y"),
+                ("MEMU_LLM_API_KEY", "sk-secret"),
+                ("MEMU_CACHE__REDIS_URL_ENV", "MEMU_REDIS"),
+                ("MEMU_REDIS", "redis://r"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.cache.redis_url_env, "MEMU_REDIS");
+        let err = load_from(None, env(&[("MEMU_LLM_API_KEY", "sk-secret")])).unwrap_err();
+        assert!(format!("{err:#}").contains("MEMU_LLM_API_KEY"), "{err:#}");
+        assert!(!format!("{err:#}").contains("sk-secret"), "{err:#}");
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.yaml");

@@ -158,9 +158,12 @@ pub async fn serve(
 
     let mut tasks = tokio::task::JoinSet::new();
     let app = api::router(service.clone(), role, metrics_listener.is_none());
-    let tls = config.server.tls.is_some();
+    // TLS protects the API; a pipeline-only worker serves health and metrics, in plain HTTP,
+    // and needs no certificate (one configuration serves every role).
+    let tls_config = config.server.tls.as_ref().filter(|_| role.serves_api());
+    let tls = tls_config.is_some();
     tracing::info!(addr = %listener.local_addr()?, %role, backend = service.store.backend(), tls, "serving");
-    match &config.server.tls {
+    match tls_config {
         None => {
             let rx = stop_rx.clone();
             tasks.spawn(async move {

@@ -85,6 +85,23 @@ async fn api_is_served_over_https_and_renewed_certificates_are_picked_up() {
 }
 
 #[tokio::test]
+async fn a_pipeline_only_worker_needs_no_certificate() {
+    memu_worker::server::install_crypto_provider();
+    let stub = stub().await;
+    let (mut config, _db) = with_backend(stub_config(&stub), false).await;
+    config.role = memu_crds::worker::Role::Pipeline;
+    config.server.tls = Some(TlsConfig {
+        cert_file: "/nonexistent/tls.crt".into(),
+        key_file: "/nonexistent/tls.key".into(),
+        reload_secs: 300,
+    });
+    let server = TestServer::start(config).await;
+    let health = server.base.replacen("https://", "http://", 1) + "/healthz";
+    let response = reqwest::get(&health).await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
 async fn a_certificate_that_does_not_load_stops_start_up() {
     memu_worker::server::install_crypto_provider();
     let certs = tempfile::tempdir().unwrap();

@@ -156,7 +156,8 @@ impl TestServer {
             .expect("build service");
         // Every test talks as a real client: with a key of tenant `default`.
         let api_key = issue_key(&service, "default", "read,write,admin").await;
-        let tls = service.config.server.tls.is_some();
+        let config = &service.config;
+        let tls = config.server.tls.is_some() && config.role.serves_api();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         // Test certificates name `localhost`.
