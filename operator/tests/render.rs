@@ -1101,3 +1101,56 @@ fn a_missing_certificate_secret_is_reported_by_name() {
     };
     assert_ne!(hash(&cluster), hash(&without_tls(cluster.clone())));
 }
+
+/// Every worker container starts with what the operator gives it: the rendered configuration
+/// file and its environment (Secret references stand for their values) load in the worker's own
+/// configuration loader.
+#[test]
+fn every_worker_container_loads_its_rendered_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("worker.yaml");
+    let mut checked = 0;
+    for name in ["small", "medium", "large"] {
+        let d = desired(&sample(name), ALL).unwrap();
+        let yaml = &d.config_map.as_ref().unwrap().data.as_ref().unwrap()["worker.yaml"];
+        std::fs::write(&file, yaml).unwrap();
+        let pods = d
+            .deployments
+            .iter()
+            .map(|x| x.spec.as_ref().unwrap().template.clone())
+            .chain(
+                d.stateful_sets
+                    .iter()
+                    .filter(|s| {
+                        s.metadata
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| !n.contains("citus"))
+                    })
+                    .map(|x| x.spec.as_ref().unwrap().template.clone()),
+            )
+            .chain(
+                d.jobs
+                    .iter()
+                    .map(|j| j.spec.as_ref().unwrap().template.clone()),
+            );
+        for pod in pods {
+            for c in pod.spec.unwrap().containers {
+                let env: Vec<(String, String)> = c
+                    .env
+                    .iter()
+                    .flatten()
+                    .map(|e| {
+                        let value = e.value.clone().unwrap_or_else(|| "from-a-secret".into());
+                        (e.name.clone(), value)
+                    })
+                    .collect();
+                memu_worker::config::load_from(Some(&file), env).unwrap_or_else(|e| {
+                    panic!("{name}: container {} does not start: {e:#}", c.name)
+                });
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 6, "only {checked} containers");
+}
