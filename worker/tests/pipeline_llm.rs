@@ -264,6 +264,35 @@ async fn every_memory_type_in_one_call(postgres: bool) {
     assert_eq!(again["task_id"], task["task_id"]);
     assert_eq!(again["status"], "SUCCESS");
     assert_eq!(stub.requests().len(), before);
+    // A daily token quota the tenant has used up refuses the next memorize; one above what it
+    // used admits it.
+    let used = (pt + ct) as u64;
+    let job = json!({"user_id": "maria", "conversation": [{"role": "user", "content": "More."}]});
+    for (quota, expected_status) in [(used + 1_000_000, 202), (used, 429)] {
+        server
+            .service
+            .access
+            .set_limits(
+                "default",
+                &memu_worker::tenancy::TenantLimits {
+                    tokens_per_day: Some(quota),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let (status, body) = server.post("/api/v3/memory/memorize", job.clone()).await;
+        assert_eq!(
+            status, expected_status,
+            "quota {quota}, used {used}: {body}"
+        );
+        if status == 429 {
+            assert!(
+                body["error"]["message"].as_str().unwrap().contains("token"),
+                "{body}"
+            );
+        }
+    }
     server.stop().await.unwrap();
 }
 on_both_stores!(every_memory_type_in_one_call: extraction_sqlite, extraction_postgres);
