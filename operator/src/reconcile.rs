@@ -200,7 +200,20 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
     let admin_key_version = ensure_admin_key(&ctx, &ns, &cluster).await?;
     render::stamp_admin_key_version(&mut desired, &admin_key_version);
     if is_managed_citus(&cluster) {
-        ensure_citus_credentials(client, &ns, &cluster).await?;
+        ensure_login(
+            client,
+            &ns,
+            &render::citus_credentials(&cluster, &new_password()),
+        )
+        .await?;
+    }
+    if render::uses_cnpg(&cluster) && caps.cnpg {
+        ensure_login(
+            client,
+            &ns,
+            &render::app_role_secret(&cluster, &new_password()),
+        )
+        .await?;
     }
     let changed = apply_all(client, &ns, &desired).await?;
     let removed = remove_orphans(client, &ns, &name, &desired).await?;
@@ -228,30 +241,20 @@ fn is_managed_citus(cluster: &MemUCluster) -> bool {
     cluster.spec.topology() == Topology::Citus && cluster.spec.database.external.is_none()
 }
 
-/// Creates the Citus credentials Secret once with a random password; an existing one is kept
-/// (rewriting it would lock the running database out).
-async fn ensure_citus_credentials(
-    client: &Client,
-    ns: &str,
-    cluster: &MemUCluster,
-) -> Result<(), Error> {
+fn new_password() -> String {
     use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 32)
+}
+
+/// Creates a generated database login Secret once; an existing one is kept (rewriting it would
+/// lock the running database or workers out).
+async fn ensure_login(client: &Client, ns: &str, login: &Secret) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    if api
-        .get_metadata_opt(&render::citus_name(cluster, "credentials"))
-        .await?
-        .is_some()
-    {
+    let name = login.metadata.name.as_deref().unwrap_or_default();
+    if api.get_metadata_opt(name).await?.is_some() {
         return Ok(());
     }
-    let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
-    match api
-        .create(
-            &PostParams::default(),
-            &render::citus_credentials(cluster, &password),
-        )
-        .await
-    {
+    match api.create(&PostParams::default(), login).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),

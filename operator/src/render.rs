@@ -235,6 +235,9 @@ pub fn worker_config(cluster: &MemUCluster) -> Result<WorkerConfig, SpecError> {
             config.database.backend = DatabaseBackend::Postgres;
             // The migrations Job applies the schema before new pods serve.
             config.database.auto_migrate = false;
+            if uses_cnpg(cluster) {
+                config.database.app_role = Some(APP_ROLE.into());
+            }
         }
     }
     let local = config.providers.get_mut("local").expect("built-in profile");
@@ -412,31 +415,88 @@ pub fn citus_workers(cluster: &MemUCluster) -> Vec<crate::citus::Node> {
         .collect()
 }
 
-/// The generated credentials of a managed Citus database; created once, never rewritten.
-pub fn citus_credentials(cluster: &MemUCluster, password: &str) -> Secret {
+/// A generated database login: `username`, `password`, `dbname` and the whole `uri` (for
+/// consumers that take one string, like KEDA's postgresql scaler). Created once by the
+/// reconciler, never rewritten (that would lock the running workers out).
+fn login_secret(
+    cluster: &MemUCluster,
+    secret: String,
+    user: &str,
+    host: &str,
+    password: &str,
+) -> Secret {
     Secret {
         metadata: meta(
             cluster,
-            citus_name(cluster, "credentials"),
+            secret,
             "database",
             cluster.spec.deletion_policy == DeletionPolicy::Delete,
         ),
         string_data: Some(BTreeMap::from([
-            ("username".into(), "memu".into()),
+            ("username".into(), user.into()),
             ("password".into(), password.into()),
             ("dbname".into(), "memu".into()),
-            // The whole DSN, for consumers that take one string (KEDA's postgresql scaler).
             (
                 "uri".into(),
-                format!(
-                    "postgres://memu:{password}@{}.{}.svc:5432/memu",
-                    citus_name(cluster, "coordinator"),
-                    namespace(cluster)
-                ),
+                format!("postgres://{user}:{password}@{host}:5432/memu"),
             ),
         ])),
         ..Default::default()
     }
+}
+
+/// The generated credentials of a managed Citus database.
+pub fn citus_credentials(cluster: &MemUCluster, password: &str) -> Secret {
+    let host = format!(
+        "{}.{}.svc",
+        citus_name(cluster, "coordinator"),
+        namespace(cluster)
+    );
+    login_secret(
+        cluster,
+        citus_name(cluster, "credentials"),
+        "memu",
+        &host,
+        password,
+    )
+}
+
+/// The role the workers of a CloudNativePG database serve as: a plain LOGIN role (no
+/// BYPASSRLS, not the tables' owner), so row-level security binds it. CloudNativePG creates it
+/// from `managed.roles`; the migrations Job (as the owner) grants it what the worker needs.
+pub const APP_ROLE: &str = "memu_app";
+
+/// Name of the Secret holding the [`APP_ROLE`] login: `<cluster>-db-app-role`.
+pub fn app_role_secret_name(cluster: &MemUCluster) -> String {
+    format!("{}-app-role", cnpg_name(cluster))
+}
+
+/// Whether the workers connect to a CloudNativePG database the operator manages.
+pub fn uses_cnpg(cluster: &MemUCluster) -> bool {
+    let spec = &cluster.spec;
+    spec.database.external.is_none()
+        && !matches!(spec.topology(), Topology::Sqlite | Topology::Citus)
+}
+
+/// The generated login of [`APP_ROLE`], in the `kubernetes.io/basic-auth` shape CloudNativePG
+/// reads a managed role's password from.
+pub fn app_role_secret(cluster: &MemUCluster, password: &str) -> Secret {
+    let host = format!("{}-rw.{}.svc", cnpg_name(cluster), namespace(cluster));
+    let mut secret = login_secret(
+        cluster,
+        app_role_secret_name(cluster),
+        APP_ROLE,
+        &host,
+        password,
+    );
+    secret.type_ = Some("kubernetes.io/basic-auth".into());
+    // CloudNativePG re-reads the password when a labelled Secret changes (rotation).
+    secret
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("cnpg.io/reload".into(), "true".into());
+    secret
 }
 
 /// Name of the Secret holding the cluster's bootstrap admin API key: `<cluster>-admin-key`.
@@ -737,21 +797,16 @@ fn worker_env(cluster: &MemUCluster) -> Vec<EnvVar> {
                 ),
             ));
         } else {
-            // CloudNativePG writes the application credentials into <cluster>-app.
-            let app = format!("{}-app", cnpg_name(cluster));
-            env.push(secret_env(
+            // Serve as the RLS-bound app role, never as the database owner (`<db>-app`).
+            env.extend(credential_env(&app_role_secret_name(cluster)));
+            env.push(dsn_env(
                 "DATABASE_URL",
-                &SecretKeyRef {
-                    name: app.clone(),
-                    key: "uri".into(),
-                },
-                false,
+                &format!("{}-rw.{}.svc", cnpg_name(cluster), namespace(cluster)),
             ));
             if spec.topology() == Topology::Replicas {
-                env.extend(credential_env(&app));
                 env.push(dsn_env(
                     "DATABASE_READ_URL",
-                    &format!("{}-ro", cnpg_name(cluster)),
+                    &format!("{}-ro.{}.svc", cnpg_name(cluster), namespace(cluster)),
                 ));
             }
         }
@@ -1056,9 +1111,9 @@ fn primary_dsn_secret(cluster: &MemUCluster) -> Option<SecretKeyRef> {
             name: citus_name(cluster, "credentials"),
             key: "uri".into(),
         }),
-        // CloudNativePG writes the full DSN into <cluster>-app under `uri`.
+        // The app role: the queue figures come from a SECURITY DEFINER function.
         (_, None) => Some(SecretKeyRef {
-            name: format!("{}-app", cnpg_name(cluster)),
+            name: app_role_secret_name(cluster),
             key: "uri".into(),
         }),
     }
@@ -1100,7 +1155,9 @@ fn queue_scaler(
                 {
                     "type": "postgresql",
                     "metadata": {
-                        "query": "SELECT count(*) FROM memorize_tasks WHERE status IN ('PENDING', 'PROCESSING')",
+                        // Through the SECURITY DEFINER function: row-level security hides the tasks
+                        // from a role without a tenant setting.
+                        "query": "SELECT pending + processing FROM memu_queue_stats()",
                         "targetQueryValue": target.to_string(),
                         "activationTargetQueryValue": "0",
                     },
@@ -1316,7 +1373,19 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
             } else {
                 vec!["migrate".into()]
             };
-            pod.containers = vec![container(cluster, Role::Pipeline, args, &spec.pipeline)];
+            let mut migrate = container(cluster, Role::Pipeline, args, &spec.pipeline);
+            if uses_cnpg(cluster) {
+                // Only this Job gets the owner's login: it migrates and grants the app role.
+                migrate.env.get_or_insert_with(Vec::new).push(secret_env(
+                    "DATABASE_MIGRATE_URL",
+                    &SecretKeyRef {
+                        name: format!("{}-app", cnpg_name(cluster)),
+                        key: "uri".into(),
+                    },
+                    false,
+                ));
+            }
+            pod.containers = vec![migrate];
         }
         out.jobs.push(Job {
             metadata: meta(
@@ -1377,6 +1446,19 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
                     "storageClass": managed.storage_class_name,
                 },
                 "bootstrap": {"initdb": {"database": "memu", "owner": "memu", "postInitApplicationSQL": ["CREATE EXTENSION IF NOT EXISTS vector"]}},
+                "managed": {"roles": [{
+                    "name": APP_ROLE,
+                    "ensure": "present",
+                    "comment": "memU workers: serve under row-level security",
+                    "login": true,
+                    "superuser": false,
+                    "createdb": false,
+                    "createrole": false,
+                    "bypassrls": false,
+                    "replication": false,
+                    "inherit": true,
+                    "passwordSecret": {"name": app_role_secret_name(cluster)},
+                }]},
             }
         }));
         object.metadata = meta(

@@ -584,6 +584,17 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
         db.metadata.owner_references.is_none(),
         "Retain: the database is not garbage-collected"
     );
+    // The workers' RLS-bound login: generated once into a basic-auth Secret that CloudNativePG
+    // turns into the managed role.
+    assert_eq!(
+        db.data["spec"]["managed"]["roles"][0]["passwordSecret"]["name"],
+        "memu-medium-db-app-role"
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let app_role = secrets.get("memu-medium-db-app-role").await.unwrap();
+    assert_eq!(app_role.type_.as_deref(), Some("kubernetes.io/basic-auth"));
+    let app_password = app_role.data.as_ref().unwrap()["password"].0.clone();
+    assert_eq!(app_password.len(), 32);
     eventually("medium reports its database condition", || async {
         clusters
             .get("memu-medium")
@@ -631,6 +642,17 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
             .unwrap_or(false)
     })
     .await;
+    assert_eq!(
+        secrets
+            .get("memu-medium-db-app-role")
+            .await
+            .unwrap()
+            .data
+            .unwrap()["password"]
+            .0,
+        app_password,
+        "a reconcile never rewrites the generated password"
+    );
     eventually("a migrations Job for the new configuration", || async {
         Api::<Job>::namespaced(client.clone(), &ns)
             .list(&ListParams::default().labels("memu.dev/cluster=memu-medium"))

@@ -161,14 +161,8 @@ fn medium_autoscales_and_wires_cnpg_and_secrets() {
     let env = env_of(&d);
     let dsn = env.iter().find(|e| e.name == "DATABASE_URL").unwrap();
     assert_eq!(
-        dsn.value_from
-            .as_ref()
-            .unwrap()
-            .secret_key_ref
-            .as_ref()
-            .unwrap()
-            .name,
-        "memu-medium-db-app"
+        dsn.value.as_deref(),
+        Some("postgres://$(DB_USER):$(DB_PASSWORD)@memu-medium-db-rw.apps.svc:5432/$(DB_NAME)")
     );
     let key = env
         .iter()
@@ -411,11 +405,12 @@ fn with_keda_the_pipeline_scales_on_the_queue_and_the_api_on_cpu() {
     let queue = &spec["triggers"][0];
     assert_eq!(queue["type"], "postgresql");
     assert_eq!(queue["metadata"]["targetQueryValue"], "10");
+    // RLS hides tasks from a role without a tenant: the count comes from the definer function.
     assert!(
         queue["metadata"]["query"]
             .as_str()
             .unwrap()
-            .contains("memorize_tasks")
+            .contains("memu_queue_stats()")
     );
     let auth = d
         .dynamic
@@ -426,7 +421,7 @@ fn with_keda_the_pipeline_scales_on_the_queue_and_the_api_on_cpu() {
     // The DSN stays in CloudNativePG's Secret: only its name and key are rendered.
     assert_eq!(
         auth.data["spec"]["secretTargetRef"][0],
-        serde_json::json!({"parameter": "connection", "name": "memu-medium-db-app", "key": "uri"})
+        serde_json::json!({"parameter": "connection", "name": "memu-medium-db-app-role", "key": "uri"})
     );
     let pipeline = d
         .deployments
@@ -1153,4 +1148,142 @@ fn every_worker_container_loads_its_rendered_configuration() {
         }
     }
     assert!(checked >= 6, "only {checked} containers");
+}
+
+/// The secret names every `secretKeyRef` of a container's environment points at.
+fn secret_refs(c: &Container) -> Vec<(String, String, String)> {
+    c.env
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let r = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+            Some((e.name.clone(), r.name.clone(), r.key.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn cnpg_workers_serve_as_the_rls_bound_app_role_and_only_migrations_get_the_owner() {
+    for tier in ["medium", "replicas"] {
+        let mut cluster = sample("medium");
+        if tier == "replicas" {
+            cluster.spec.database.topology = Some(memu_crds::cluster::Topology::Replicas);
+            cluster.spec.database.managed.as_mut().unwrap().instances = Some(3);
+        }
+        let d = desired(&cluster, ALL).unwrap();
+        // CloudNativePG creates the role from its Secret: a plain login, no BYPASSRLS.
+        let (_, db) = d
+            .dynamic
+            .iter()
+            .find(|(ar, _)| ar.kind == "Cluster")
+            .unwrap();
+        let roles = db.data["spec"]["managed"]["roles"].as_array().unwrap();
+        assert_eq!(roles.len(), 1);
+        let role = &roles[0];
+        assert_eq!(role["name"], render::APP_ROLE);
+        assert_eq!(role["login"], true);
+        for power in [
+            "superuser",
+            "bypassrls",
+            "createrole",
+            "createdb",
+            "replication",
+        ] {
+            assert_eq!(role[power], false, "{power}");
+        }
+        assert_eq!(role["passwordSecret"]["name"], "memu-medium-db-app-role");
+        // The owner (`bootstrap.initdb.owner`) is another role: RLS binds the app role.
+        assert_ne!(
+            db.data["spec"]["bootstrap"]["initdb"]["owner"],
+            role["name"]
+        );
+        assert_eq!(
+            config_of(&d).database.app_role.as_deref(),
+            Some(render::APP_ROLE)
+        );
+        for (object, template) in templates(&d) {
+            let pod = template.spec.as_ref().unwrap();
+            for c in &pod.containers {
+                let refs = secret_refs(c);
+                let owner: Vec<_> = refs
+                    .iter()
+                    .filter(|(_, name, _)| name == "memu-medium-db-app")
+                    .collect();
+                let credentials: Vec<_> = refs
+                    .iter()
+                    .filter(|(var, _, _)| var.starts_with("DB_"))
+                    .map(|(var, name, key)| (var.as_str(), name.as_str(), key.as_str()))
+                    .collect();
+                assert_eq!(
+                    credentials,
+                    [
+                        ("DB_USER", "memu-medium-db-app-role", "username"),
+                        ("DB_PASSWORD", "memu-medium-db-app-role", "password"),
+                        ("DB_NAME", "memu-medium-db-app-role", "dbname"),
+                    ],
+                    "{object}"
+                );
+                let dsns: Vec<_> = c
+                    .env
+                    .iter()
+                    .flatten()
+                    .filter(|e| e.name.starts_with("DATABASE_") && e.value.is_some())
+                    .map(|e| (e.name.as_str(), e.value.as_deref().unwrap()))
+                    .collect();
+                let mut expected = vec![(
+                    "DATABASE_URL",
+                    "postgres://$(DB_USER):$(DB_PASSWORD)@memu-medium-db-rw.apps.svc:5432/$(DB_NAME)",
+                )];
+                if tier == "replicas" {
+                    expected.push((
+                        "DATABASE_READ_URL",
+                        "postgres://$(DB_USER):$(DB_PASSWORD)@memu-medium-db-ro.apps.svc:5432/$(DB_NAME)",
+                    ));
+                }
+                assert_eq!(dsns, expected, "{object}");
+                if object.starts_with("memu-medium-migrate-") {
+                    assert_eq!(
+                        owner,
+                        [&(
+                            "DATABASE_MIGRATE_URL".to_string(),
+                            "memu-medium-db-app".to_string(),
+                            "uri".to_string()
+                        )],
+                        "the migrations Job runs as the owner"
+                    );
+                } else {
+                    assert!(
+                        owner.is_empty(),
+                        "{object} must not see the owner: {owner:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_app_role_secret_is_basic_auth_with_a_dsn_for_keda() {
+    let cluster = sample("medium");
+    let secret = render::app_role_secret(&cluster, "pw0123456789");
+    assert_eq!(
+        secret.metadata.name.as_deref(),
+        Some("memu-medium-db-app-role")
+    );
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/basic-auth"));
+    assert_eq!(
+        secret.metadata.labels.as_ref().unwrap()["cnpg.io/reload"],
+        "true"
+    );
+    let data = secret.string_data.as_ref().unwrap();
+    assert_eq!(data["username"], render::APP_ROLE);
+    assert_eq!(data["password"], "pw0123456789");
+    assert_eq!(
+        data["uri"],
+        "postgres://memu_app:pw0123456789@memu-medium-db-rw.apps.svc:5432/memu"
+    );
+    // Neither SQLite, Citus nor an external database gets a CloudNativePG role.
+    for name in ["small", "large"] {
+        assert!(!render::uses_cnpg(&sample(name)), "{name}");
+    }
 }
