@@ -16,8 +16,8 @@ bin="$home/bin"
 mkdir -p "$bin"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
-stamp() { echo "$1 $2" > "$bin/.$1.version"; }
-have() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.$1.version" 2>/dev/null)" = "$1 $2" ]; }
+stamp() { stamp_tool "$bin" "$@"; }
+have() { have_tool "$bin" "$@"; }
 
 # etcd from Debian trixie, through an apt configuration of its own so the machine's is untouched.
 if ! have etcd trixie; then

@@ -41,3 +41,8 @@ apt_update_once() {
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
+
+# Version stamps of the tools the install scripts build into a bin directory:
+# `have_tool BIN NAME VERSION` holds when BIN/NAME exists and was built at VERSION.
+stamp_tool() { echo "$2 $3" > "$1/.$2.version"; }
+have_tool() { [ -x "$1/$2" ] && [ "$(cat "$1/.$2.version" 2>/dev/null)" = "$2 $3" ]; }
