@@ -24,6 +24,9 @@ model_dir=$(bash scripts/install-model.sh)
 log "Kubernetes control plane (etcd from Debian, kube-apiserver & co. built with Go; cached)"
 bash e2e/k8s/install.sh >/dev/null
 
+log "Helm and kubeconform (built with Go; cached)"
+helm_tools=$(bash e2e/scripts/install-helm-tools.sh)
+
 log "cargo-nextest"
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest >&2
@@ -42,13 +45,15 @@ redis_url=$(bash e2e/scripts/start-redis.sh "$state/redis")
 log "starting the Kubernetes control plane"
 kubeconfig=$(bash e2e/k8s/start.sh "$state/k8s")
 
-log "generated CRD and RBAC YAML are current"
+log "generated CRD, RBAC YAML and the chart's copies are current"
 cargo run -q --locked -p memu-crds --bin crdgen > "$state/memucluster.yaml"
 diff -u crds/yaml/memucluster.yaml "$state/memucluster.yaml" \
   || { echo "crds/yaml/memucluster.yaml is stale: run cargo run -p memu-crds --bin crdgen > crds/yaml/memucluster.yaml" >&2; exit 1; }
 cargo run -q --locked -p memu-operator --bin rbacgen > "$state/operator-rbac.yaml"
 diff -u config/rbac/operator.yaml "$state/operator-rbac.yaml" \
   || { echo "config/rbac/operator.yaml is stale: run cargo run -p memu-operator --bin rbacgen > config/rbac/operator.yaml" >&2; exit 1; }
+bash scripts/sync-chart.sh --check \
+  || { echo "charts/memu-operator carries a stale CRD, ClusterRole or version: run scripts/sync-chart.sh" >&2; exit 1; }
 
 log "format and lints"
 cargo fmt --all -- --check
@@ -56,6 +61,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "tests"
 export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_REDIS_URL="$redis_url" MEMU_TEST_MODEL_DIR="$model_dir" MEMU_TEST_KUBECONFIG="$kubeconfig"
+export MEMU_TEST_HELM="$helm_tools/helm" MEMU_TEST_KUBECONFORM="$helm_tools/kubeconform"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
 log "done in $(( $(date +%s) - started ))s"

@@ -1,155 +1,54 @@
 //! The operator against a real kube-apiserver (+ controller manager, scheduler and kwok nodes)
 //! started by `e2e/k8s/start.sh`; the test script exports its kubeconfig.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod common;
 
+use common::{
+    Operator, apply_yaml_file, client, create_namespace, eventually, free_port, sample,
+    service_account_kubeconfig, small_sample_volume,
+};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, PersistentVolume, PersistentVolumeClaim, Service,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolume, PersistentVolumeClaim, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
 };
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
 use memu_crds::cluster::MemUCluster;
 use memu_crds::worker::WorkerConfig;
-use serde_json::{Value, json};
-
-fn kubeconfig_path() -> String {
-    std::env::var("MEMU_TEST_KUBECONFIG").expect(
-        "MEMU_TEST_KUBECONFIG is not set: run the suite through e2e/test.sh, which starts a real \
-         kube-apiserver with e2e/k8s/start.sh",
-    )
-}
-
-async fn client() -> Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
-
-fn repo(path: &str) -> String {
-    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
-}
-
-async fn apply_yaml_file(client: &Client, path: &str) {
-    let text = std::fs::read_to_string(repo(path)).unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for doc in text.split("\n---") {
-        if doc.trim().is_empty() {
-            continue;
-        }
-        let crd: CustomResourceDefinition = serde_norway::from_str(doc).unwrap();
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("memu-e2e").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-        eventually(&format!("CRD {name} established"), || async {
-            crds.get(&name)
-                .await
-                .ok()
-                .and_then(|c| c.status)
-                .and_then(|s| s.conditions)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                })
-        })
-        .await;
-    }
-}
-
-/// Polls `check` (bounded count) until it holds; the bound is a count, not a timing assertion.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..240 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("never happened: {what}");
-}
-
-fn sample(name: &str) -> Value {
-    serde_norway::from_str(
-        &std::fs::read_to_string(repo(&format!("config/samples/{name}.yaml"))).unwrap(),
-    )
-    .unwrap()
-}
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use serde_json::json;
 
 /// An operator process that leads through a Lease in `ns` and reconciles only `ns`, so that
 /// tests running side by side never reconcile each other's objects.
 /// `lease` is the Lease duration in seconds: short where a test waits for a takeover, longer
 /// elsewhere so a loaded CI machine never makes both replicas give up.
 fn start_operator(kubeconfig: &str, ns: &str, identity: &str, lease: &str) -> Operator {
-    let port = free_port();
-    Operator(
-        Command::new(env!("CARGO_BIN_EXE_memu-operator"))
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
-            .args([
-                "--lease-namespace",
-                ns,
-                "--watch-namespace",
-                ns,
-                "--lease-seconds",
-                lease,
-                "--identity",
-                identity,
-                "--metrics-addr",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(format!("/tmp/memu-e2e-{ns}-{identity}.log"))
-                    .map(Stdio::from)
-                    .unwrap_or_else(|_| Stdio::null()),
-            )
-            .spawn()
-            .unwrap(),
+    let metrics = format!("127.0.0.1:{}", free_port());
+    Operator::spawn(
+        [
+            "--lease-namespace",
+            ns,
+            "--watch-namespace",
+            ns,
+            "--lease-seconds",
+            lease,
+            "--identity",
+            identity,
+            "--metrics-addr",
+            &metrics,
+        ],
+        [("KUBECONFIG", kubeconfig), ("RUST_LOG", "info,kube=warn")],
+        &format!("memu-e2e-{ns}-{identity}"),
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A kubeconfig for a ServiceAccount of `ns` bound to exactly the generated ClusterRole
 /// (`memu_operator::rbac`): the operator runs with the permissions an install grants it, so a
 /// permission the code needs but the role lacks fails the test.
 async fn operator_kubeconfig(client: &Client, ns: &str, dir: &std::path::Path) -> String {
-    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
     let ssa = PatchParams::apply("memu-e2e").force();
@@ -181,48 +80,7 @@ async fn operator_kubeconfig(client: &Client, ns: &str, dir: &std::path::Path) -
         )
         .await
         .unwrap();
-    let token = accounts
-        .create_token_request(
-            "memu-operator",
-            &PostParams::default(),
-            &TokenRequest {
-                spec: TokenRequestSpec {
-                    expiration_seconds: Some(3600),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token;
-    let admin: Value =
-        serde_norway::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
-    let cluster = admin["clusters"][0].clone();
-    let config = json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [cluster],
-        "users": [{"name": "memu-operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": "memu-operator"}}],
-        "current-context": "operator",
-    });
-    let path = dir.join(format!("{ns}.kubeconfig"));
-    std::fs::write(&path, serde_norway::to_string(&config).unwrap()).unwrap();
-    path.display().to_string()
-}
-
-async fn create_namespace(client: &Client, ns: &str) -> Api<Namespace> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    namespaces
+    service_account_kubeconfig(client, ns, "memu-operator", dir).await
 }
 
 /// A namespaced API of a custom resource the test cluster knows (CNPG, KEDA, …).
@@ -485,12 +343,7 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
 
     // A volume for the small tier's SQLite claim (the test cluster has no provisioner).
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let pv_name = format!("{ns}-pv");
-    pvs.create(&PostParams::default(), &serde_json::from_value(json!({
-        "metadata": {"name": pv_name},
-        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "hostPath": {"path": "/tmp/memu-e2e-pv"},
-                 "claimRef": {"namespace": ns, "name": "data-memu-small-worker-0"}},
-    })).unwrap()).await.unwrap();
+    let pv_name = small_sample_volume(&client, &ns).await;
 
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = operator_kubeconfig(&client, &ns, dir.path()).await;
