@@ -305,6 +305,25 @@ pub struct MemUClusterSpec {
     /// on port 9090. A renewed Secret is served without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// OpenTelemetry tracing of the workers (OTLP over HTTP); off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+}
+
+/// Where the workers export their traces: a memorize request is one trace from the API through
+/// the queue to every LLM and embedding call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// OTLP/HTTP base URL of a collector, e.g. `http://otel-collector.observability:4318`.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("otlpEndpoint must be an http:// or https:// URL (OTLP over HTTP)"))]
+    #[schemars(length(min = 8, max = 2048))]
+    pub otlp_endpoint: String,
+    /// Share of new traces sampled, 0–1 (default 1); a request arriving with a sampled
+    /// `traceparent` is always traced.
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("sampleRatio must be between 0 and 1"))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_ratio: Option<f64>,
 }
 
 /// Redis shared by every worker: query embeddings and retrieve results, invalidated per user.

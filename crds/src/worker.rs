@@ -30,6 +30,7 @@ pub struct WorkerConfig {
     pub cache: CacheConfig,
     pub auth: AuthConfig,
     pub logging: LoggingConfig,
+    pub tracing: TracingConfig,
 }
 
 /// How callers authenticate: `api_keys` (every API route needs `Authorization: Bearer`), or
@@ -131,6 +132,7 @@ impl Default for WorkerConfig {
             cache: CacheConfig::default(),
             auth: AuthConfig::default(),
             logging: LoggingConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -781,6 +783,35 @@ impl Default for LoggingConfig {
     }
 }
 
+/// OpenTelemetry tracing: off unless an OTLP endpoint is set. A memorize request is one trace
+/// from the API through the queue and the pipeline's steps to every LLM and embedding call;
+/// W3C `traceparent` is taken from requests and sent on provider calls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/HTTP base URL of a collector, e.g. `http://otel-collector:4318` (spans go to
+    /// `/v1/traces` below it, protobuf-encoded).
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Share of new traces sampled (0–1); a request that arrives with a sampled
+    /// `traceparent` is always traced.
+    pub sample_ratio: f64,
+    /// How often batched spans are exported.
+    pub export_interval_ms: u64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "memu-worker".into(),
+            sample_ratio: 1.0,
+            export_interval_ms: 5000,
+        }
+    }
+}
+
 /// A configuration error that names the offending key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -811,6 +842,20 @@ impl WorkerConfig {
     /// Checks what serde cannot: references between sections, ranges, addresses.
     pub fn validate(&self) -> Result<(), ConfigError> {
         parse_addr("server.listen", &self.server.listen)?;
+        if let Some(endpoint) = &self.tracing.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "tracing.otlp_endpoint",
+                "must be an http:// or https:// URL (OTLP over HTTP)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(invalid("tracing.sample_ratio", "must be between 0 and 1"));
+        }
+        if self.tracing.export_interval_ms == 0 {
+            return Err(invalid("tracing.export_interval_ms", "must be at least 1"));
+        }
         if let Some(addr) = &self.server.metrics_listen {
             parse_addr("server.metrics_listen", addr)?;
         }

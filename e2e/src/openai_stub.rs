@@ -55,6 +55,9 @@ pub struct Recorded {
     pub body: Value,
     /// Whether a Bearer token came with the request (never the token itself).
     pub authorized: bool,
+    /// The W3C `traceparent` header the caller propagated, if any.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -212,6 +215,10 @@ async fn admit(
         endpoint,
         body: body.clone(),
         authorized: bearer.is_some(),
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
     });
     if !state.options.latency.is_zero() {
         tokio::time::sleep(state.options.latency).await;

@@ -225,6 +225,13 @@ pub fn worker_config(cluster: &MemUCluster) -> Result<WorkerConfig, SpecError> {
         });
     }
     config.logging.format = LogFormat::Json;
+    if let Some(tracing) = &spec.tracing {
+        config.tracing.otlp_endpoint = Some(tracing.otlp_endpoint.clone());
+        config.tracing.service_name = format!("memu-worker.{}", name(cluster));
+        if let Some(ratio) = tracing.sample_ratio {
+            config.tracing.sample_ratio = ratio;
+        }
+    }
     match spec.topology() {
         Topology::Sqlite => {
             config.database.backend = DatabaseBackend::Sqlite;

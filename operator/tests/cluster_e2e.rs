@@ -323,6 +323,10 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
             json!({"tier": "small", "api": {"autoscaling": {"minReplicas": 1, "maxReplicas": 3}}}),
             "topology sqlite runs a single replica",
         ),
+        (
+            json!({"tier": "small", "tracing": {"otlpEndpoint": "otel-collector:4318"}}),
+            "otlpEndpoint must be an http:// or https:// URL",
+        ),
     ];
     for (i, (spec, message)) in invalid.into_iter().enumerate() {
         let object: DynamicObject = serde_json::from_value(json!({

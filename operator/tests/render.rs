@@ -1287,3 +1287,52 @@ fn the_app_role_secret_is_basic_auth_with_a_dsn_for_keda() {
         assert!(!render::uses_cnpg(&sample(name)), "{name}");
     }
 }
+
+#[test]
+fn spec_tracing_reaches_every_worker_configuration() {
+    let mut cluster = sample("medium");
+    assert_eq!(
+        config_of(&desired(&cluster, ALL).unwrap())
+            .tracing
+            .otlp_endpoint,
+        None
+    );
+    cluster.spec.tracing = Some(memu_crds::cluster::TracingSpec {
+        otlp_endpoint: "http://otel-collector.observability:4318".into(),
+        sample_ratio: Some(0.25),
+    });
+    let d = desired(&cluster, ALL).unwrap();
+    let tracing = config_of(&d).tracing;
+    assert_eq!(
+        tracing.otlp_endpoint.as_deref(),
+        Some("http://otel-collector.observability:4318")
+    );
+    assert_eq!(tracing.sample_ratio, 0.25);
+    assert_eq!(tracing.service_name, "memu-worker.memu-medium");
+    // A changed tracing target rolls the pods like any other configuration change.
+    let before = desired(&sample("medium"), ALL).unwrap();
+    assert_ne!(
+        before.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH],
+        d.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH]
+    );
+}

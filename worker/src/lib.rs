@@ -18,4 +18,5 @@ pub mod retrieval;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod tenancy;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use memu_crds::worker::ModelPrice;
@@ -70,7 +71,23 @@ impl<'a> LlmSession<'a> {
                 max_tokens: None,
             };
             let started = Instant::now();
-            let response = chat.chat(request).await?;
+            // One span per call (a repair is a second one), named after the step.
+            let span = tracing::info_span!(
+                "llm call",
+                otel.name = %format!("llm {}", prompt.name),
+                step = prompt.name,
+                attempt,
+                gen_ai.system = chat.provider(),
+                gen_ai.request.model = chat.model(),
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+            );
+            let response = chat.chat(request).instrument(span.clone()).await?;
+            span.record("gen_ai.usage.input_tokens", response.usage.prompt_tokens);
+            span.record(
+                "gen_ai.usage.output_tokens",
+                response.usage.completion_tokens,
+            );
             self.record(chat, prompt.name, &response, started);
             match decode::<T>(&response) {
                 Ok(value) => return Ok(value),

@@ -3,9 +3,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
-use memu_crds::worker::{LogFormat, Role};
+use memu_crds::worker::Role;
 use memu_worker::{config, server};
 
 /// memU worker: the memory service (HTTP API and memorize pipeline).
@@ -59,18 +58,6 @@ impl From<RoleArg> for Role {
     }
 }
 
-fn init_logging(cfg: &memu_crds::worker::LoggingConfig) {
-    let filter =
-        EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(&cfg.filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 #[tokio::main]
 async fn main() {
     if let Err(e) = run().await {
@@ -93,8 +80,9 @@ async fn run() -> anyhow::Result<()> {
         }
         _ => {}
     }
-    init_logging(&cfg.logging);
+    // The OTLP exporter's HTTP client needs the crypto provider: install it first.
     server::install_crypto_provider();
+    let telemetry = memu_worker::telemetry::init(&cfg.logging, &cfg.tracing)?;
     match cli.command {
         Command::Migrate { distribute } => {
             server::build_service(cfg.clone(), true).await?;
@@ -138,5 +126,6 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Config | Command::Openapi => unreachable!("handled above"),
     }
+    telemetry.shutdown();
     Ok(())
 }

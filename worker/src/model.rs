@@ -176,6 +176,8 @@ pub struct Task {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// W3C `traceparent` of the request that queued the job (tracing on and sampled).
+    pub trace_parent: Option<String>,
 }
 
 impl Task {

@@ -438,6 +438,7 @@ impl MemoryService {
     }
 
     /// Embeds a query, from the LRU cache when the same text was embedded before.
+    #[tracing::instrument(name = "embed query", skip_all)]
     pub async fn embed_query(&self, text: &str) -> Result<Arc<Vec<f32>>, ServiceError> {
         let key = format!("{}\u{0}{}", self.embedder.model(), text);
         if let Some(hit) = self
@@ -581,6 +582,7 @@ impl MemoryService {
     }
 
     /// The top items for a query vector; with `hybrid`, fused with the full-text ranking.
+    #[tracing::instrument(name = "vector search", skip_all)]
     pub async fn search(
         &self,
         input: &RetrieveInput,
@@ -618,6 +620,7 @@ impl MemoryService {
     }
 
     /// The scope's categories that have a summary, most similar to the query first.
+    #[tracing::instrument(name = "rank categories", skip_all)]
     pub async fn rank_categories(
         &self,
         scope: &Scope,
@@ -806,6 +809,8 @@ fn pending_task(resource: &Resource) -> Task {
         created_at: resource.created_at,
         started_at: None,
         completed_at: None,
+        // The job's spans continue the trace of the request that queued it.
+        trace_parent: crate::telemetry::current_trace_parent(),
     }
 }
 

@@ -100,6 +100,7 @@ fn resource_and_task(user: &str, created: DateTime<Utc>) -> (Resource, Task) {
         created_at: created,
         started_at: None,
         completed_at: None,
+        trace_parent: None,
     };
     (resource, task)
 }

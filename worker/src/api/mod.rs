@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
+use tracing::Instrument as _;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -134,7 +135,21 @@ async fn track_http(State(state): State<AppState>, req: Request, next: Next) -> 
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let response = next.run(req).await;
+    // Probes and scrapes are not traced: they would drown the requests that matter.
+    let span = match route.as_str() {
+        "/healthz" | "/readyz" | "/metrics" => tracing::Span::none(),
+        _ => tracing::info_span!(
+            "http request",
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        ),
+    };
+    crate::telemetry::continue_from_headers(&span, req.headers());
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     state.service.metrics.observe_http(
         HttpLabels {
             method,

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Deserialize;
 use serde_json::json;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::llm::LlmSession;
@@ -228,7 +229,11 @@ pub async fn memorize(
 
     // 2. One batched embedding request for every new item.
     let texts: Vec<String> = fresh.iter().map(|d| d.1.clone()).collect();
-    let vectors = service.embedder.embed(&texts).await?;
+    let vectors = service
+        .embedder
+        .embed(&texts)
+        .instrument(tracing::info_span!("embed items", items = texts.len()))
+        .await?;
     let now = Utc::now();
     let items: Vec<NewItem> = fresh
         .into_iter()

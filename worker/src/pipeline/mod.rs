@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::metrics::StatusLabels;
@@ -62,6 +63,28 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
     let Some((task, resource)) = service.store.claim_task(worker_id, lease).await? else {
         return Ok(false);
     };
+    // One span per attempt, in the trace of the request that queued the job.
+    let span = tracing::info_span!(
+        "memorize job",
+        otel.kind = "consumer",
+        task_id = %task.id,
+        attempt = task.attempts,
+    );
+    crate::telemetry::continue_from_trace_parent(&span, task.trace_parent.as_deref());
+    run_claimed(service, worker_id, lease, task, resource)
+        .instrument(span)
+        .await?;
+    Ok(true)
+}
+
+/// Runs a claimed job to its end: completed, failed for good, or released for a retry.
+async fn run_claimed(
+    service: &MemoryService,
+    worker_id: &str,
+    lease: Duration,
+    task: Task,
+    resource: Resource,
+) -> Result<(), ServiceError> {
     let max_attempts = service.config.pipeline.max_attempts;
     if task.attempts > max_attempts {
         service
@@ -73,7 +96,7 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
             )
             .await?;
         count(service, "FAILED");
-        return Ok(true);
+        return Ok(());
     }
     let started = Instant::now();
     // Keep the lease while the job runs, so another worker never takes it over.
@@ -151,7 +174,7 @@ pub async fn process_next(service: &MemoryService, worker_id: &str) -> Result<bo
             }
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 fn count(service: &MemoryService, status: &str) {
@@ -243,7 +266,11 @@ pub async fn memorize_offline(
 
     let categories = service.ensure_categories(&scope).await?;
     let texts: Vec<String> = fresh.iter().map(|(_, s, _)| s.clone()).collect();
-    let vectors = service.embedder.embed(&texts).await?;
+    let vectors = service
+        .embedder
+        .embed(&texts)
+        .instrument(tracing::info_span!("embed items", items = texts.len()))
+        .await?;
     let now = Utc::now();
     let items: Vec<NewItem> = fresh
         .into_iter()

@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
+use tracing::Instrument as _;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -166,13 +167,34 @@ impl OpenAiClient {
     }
 
     /// Sends a prepared request within the concurrency limit and reads the JSON answer.
-    async fn send(&self, mut request: reqwest::RequestBuilder) -> Result<Value, ProviderError> {
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, ProviderError> {
+        let span = tracing::info_span!(
+            "provider request",
+            otel.kind = "client",
+            provider = %self.name,
+            http.response.status_code = tracing::field::Empty,
+        );
+        self.send_traced(request).instrument(span).await
+    }
+
+    async fn send_traced(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<Value, ProviderError> {
         let _slot = self.slots.acquire().await.expect("semaphore never closed");
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
-        let response = request.send().await.map_err(|e| self.transport_error(e))?;
+        // The provider (or a gateway in front of it) can join our trace.
+        let mut trace_headers = reqwest::header::HeaderMap::new();
+        crate::telemetry::inject_current(&mut trace_headers);
+        let response = request
+            .headers(trace_headers)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
         let status = response.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         if !status.is_success() {
             let retry_after = response
                 .headers()

@@ -96,6 +96,7 @@ fn task_from_row(row: &PgRow) -> Result<Task, StoreError> {
         created_at: row.try_get("created_at")?,
         started_at: row.try_get("started_at")?,
         completed_at: row.try_get("completed_at")?,
+        trace_parent: row.try_get("trace_parent")?,
     })
 }
 
@@ -639,8 +640,8 @@ impl MemoryStore for PgStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO memorize_tasks (tenant_id, user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key) \
-             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8)",
+            "INSERT INTO memorize_tasks (tenant_id, user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key, trace_parent) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9)",
         )
         .bind(&task.tenant_id)
         .bind(&task.user_id)
@@ -650,6 +651,7 @@ impl MemoryStore for PgStore {
         .bind(task.status.as_str())
         .bind(task.created_at)
         .bind(idempotency_key)
+        .bind(&task.trace_parent)
         .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_or(e, "idempotency key"))?;

@@ -123,6 +123,7 @@ fn task_from_row(row: &SqliteRow) -> Result<Task, StoreError> {
         completed_at: row
             .try_get::<Option<i64>, _>("completed_at")?
             .map(from_micros),
+        trace_parent: row.try_get("trace_parent")?,
     })
 }
 
@@ -433,8 +434,8 @@ impl MemoryStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO memorize_tasks (tenant_id, user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key) \
-             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            "INSERT INTO memorize_tasks (tenant_id, user_id, id, agent_id, resource_id, status, attempts, created_at, idempotency_key, trace_parent) \
+             VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
         )
         .bind(&task.tenant_id)
         .bind(&task.user_id)
@@ -444,6 +445,7 @@ impl MemoryStore for SqliteStore {
         .bind(task.status.as_str())
         .bind(micros(task.created_at))
         .bind(idempotency_key)
+        .bind(&task.trace_parent)
         .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_or(e, "idempotency key"))?;
