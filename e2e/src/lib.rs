@@ -5,3 +5,4 @@
 pub mod eval;
 pub mod openai_stub;
 pub mod otlp_sink;
+pub mod promql;

@@ -64,6 +64,12 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
     tokio::spawn(async move { axum::serve(listener, app).await });
 
+    tokio::spawn(prune_cluster_metrics(
+        client.clone(),
+        metrics.clone(),
+        args.watch_namespace.clone(),
+    ));
+
     let lease = Duration::from_secs(args.lease_seconds);
     let elector = LeaderElector::new(
         client.clone(),
@@ -86,4 +92,40 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Drops the per-cluster gauges of deleted MemUClusters once a minute: a MemUCluster without
+/// finalizer (deletionPolicy Retain) is never reconciled on deletion.
+async fn prune_cluster_metrics(
+    client: kube::Client,
+    metrics: Arc<OperatorMetrics>,
+    namespace: Option<String>,
+) {
+    use kube::api::{Api, ListParams};
+    use memu_crds::cluster::MemUCluster;
+    let api: Api<MemUCluster> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let listed_at = std::time::Instant::now();
+        match api.list_metadata(&ListParams::default()).await {
+            Ok(list) => {
+                let existing = list
+                    .items
+                    .into_iter()
+                    .map(|o| {
+                        (
+                            o.metadata.namespace.unwrap_or_default(),
+                            o.metadata.name.unwrap_or_default(),
+                        )
+                    })
+                    .collect();
+                metrics.retain_clusters(&existing, listed_at);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot list MemUClusters to prune metrics"),
+        }
+    }
 }

@@ -1,7 +1,9 @@
-//! Operator metrics: reconcile count, duration and errors.
+//! Operator metrics: reconcile count, duration and errors, leadership, and per MemUCluster its
+//! readiness, phase and workload replicas (for alerts and dashboards; see docs/observability.md).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,10 +12,48 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use memu_crds::cluster::{MemUCluster, MemUClusterStatus};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `ok` or `error`.
     pub result: String,
+}
+
+/// One MemUCluster. Not `namespace`/`name`: those would clash with the target labels
+/// Prometheus gives the operator's own pod.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster_namespace: String,
+    pub cluster_name: String,
+    pub tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub cluster_namespace: String,
+    pub cluster_name: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    pub cluster_namespace: String,
+    pub cluster_name: String,
+    pub tier: String,
+    /// `api`, `pipeline`, or `worker` (one process serving both, the small tier).
+    pub component: String,
+    /// `desired` or `ready`.
+    pub state: String,
+}
+
+/// The series one cluster has now, so that a change of tier or phase drops the old ones.
+#[derive(Clone, Debug)]
+struct ClusterSeries {
+    recorded: Instant,
+    ready: Option<ClusterLabels>,
+    phase: Option<PhaseLabels>,
+    workloads: Vec<WorkloadLabels>,
 }
 
 pub struct OperatorMetrics {
@@ -23,6 +63,10 @@ pub struct OperatorMetrics {
     pub errors: Counter,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    cluster_ready: Family<ClusterLabels, Gauge>,
+    cluster_phase: Family<PhaseLabels, Gauge>,
+    workload_replicas: Family<WorkloadLabels, Gauge>,
+    clusters: Mutex<BTreeMap<(String, String), ClusterSeries>>,
 }
 
 impl Default for OperatorMetrics {
@@ -32,6 +76,9 @@ impl Default for OperatorMetrics {
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let errors = Counter::default();
         let leader = Gauge::default();
+        let cluster_ready = Family::<ClusterLabels, Gauge>::default();
+        let cluster_phase = Family::<PhaseLabels, Gauge>::default();
+        let workload_replicas = Family::<WorkloadLabels, Gauge>::default();
         registry.register(
             "memu_operator_reconciles",
             "Reconciles of MemUClusters by result",
@@ -52,12 +99,31 @@ impl Default for OperatorMetrics {
             "1 while this replica is the leader",
             leader.clone(),
         );
+        registry.register(
+            "memu_operator_cluster_ready",
+            "1 while the MemUCluster's Ready condition is True, else 0",
+            cluster_ready.clone(),
+        );
+        registry.register(
+            "memu_operator_cluster_phase",
+            "1 for the MemUCluster's current status.phase",
+            cluster_phase.clone(),
+        );
+        registry.register(
+            "memu_operator_workload_replicas",
+            "Desired and ready replicas of each workload of a MemUCluster",
+            workload_replicas.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
             duration,
             errors,
             leader,
+            cluster_ready,
+            cluster_phase,
+            workload_replicas,
+            clusters: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -70,6 +136,117 @@ impl OperatorMetrics {
                 result: if ok { "ok" } else { "error" }.into(),
             })
             .inc();
+    }
+
+    /// Sets the cluster's gauges from the status just written.
+    pub fn record_cluster(&self, cluster: &MemUCluster, status: &MemUClusterStatus) {
+        let namespace = cluster.metadata.namespace.clone().unwrap_or_default();
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        let tier = serde_json::to_value(cluster.spec.tier)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let mut series = ClusterSeries {
+            recorded: Instant::now(),
+            ready: Some(ClusterLabels {
+                cluster_namespace: namespace.clone(),
+                cluster_name: name.clone(),
+                tier: tier.clone(),
+            }),
+            phase: status.phase.clone().map(|phase| PhaseLabels {
+                cluster_namespace: namespace.clone(),
+                cluster_name: name.clone(),
+                phase,
+            }),
+            workloads: Vec::new(),
+        };
+        // One process serving both roles (the small tier) reports the same workload twice.
+        let workloads: Vec<(&str, i32, i32)> = match (&status.api, &status.pipeline) {
+            (Some(a), Some(p)) if a.selector == p.selector => {
+                vec![("worker", a.desired_replicas, a.ready_replicas)]
+            }
+            (api, pipeline) => [("api", api), ("pipeline", pipeline)]
+                .into_iter()
+                .filter_map(|(c, w)| {
+                    w.as_ref()
+                        .map(|w| (c, w.desired_replicas, w.ready_replicas))
+                })
+                .collect(),
+        };
+        let mut values = Vec::new();
+        for (component, desired, ready_replicas) in workloads {
+            for (state, n) in [("desired", desired), ("ready", ready_replicas)] {
+                let labels = WorkloadLabels {
+                    cluster_namespace: namespace.clone(),
+                    cluster_name: name.clone(),
+                    tier: tier.clone(),
+                    component: component.into(),
+                    state: state.into(),
+                };
+                values.push((labels.clone(), n));
+                series.workloads.push(labels);
+            }
+        }
+        let mut clusters = self.clusters.lock().expect("metrics lock");
+        if let Some(old) = clusters.insert((namespace, name), series.clone()) {
+            self.remove(&old, Some(&series));
+        }
+        if let Some(labels) = &series.ready {
+            self.cluster_ready.get_or_create(labels).set(ready as i64);
+        }
+        if let Some(labels) = &series.phase {
+            self.cluster_phase.get_or_create(labels).set(1);
+        }
+        for (labels, n) in values {
+            self.workload_replicas.get_or_create(&labels).set(n as i64);
+        }
+    }
+
+    /// Drops the gauges of a deleted cluster.
+    pub fn forget_cluster(&self, namespace: &str, name: &str) {
+        let mut clusters = self.clusters.lock().expect("metrics lock");
+        if let Some(old) = clusters.remove(&(namespace.to_string(), name.to_string())) {
+            self.remove(&old, None);
+        }
+    }
+
+    /// Drops the gauges of every cluster not in `existing` (namespace, name), a list taken at
+    /// `listed_at`; a cluster recorded since then may be newer than the list and stays.
+    pub fn retain_clusters(&self, existing: &BTreeSet<(String, String)>, listed_at: Instant) {
+        let mut clusters = self.clusters.lock().expect("metrics lock");
+        let gone: Vec<_> = clusters
+            .iter()
+            .filter(|(k, s)| !existing.contains(*k) && s.recorded <= listed_at)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some(old) = clusters.remove(&key) {
+                self.remove(&old, None);
+            }
+        }
+    }
+
+    /// Removes the series of `old` that `new` does not have.
+    fn remove(&self, old: &ClusterSeries, new: Option<&ClusterSeries>) {
+        if let Some(l) = &old.ready
+            && new.and_then(|n| n.ready.as_ref()) != Some(l)
+        {
+            self.cluster_ready.remove(l);
+        }
+        if let Some(l) = &old.phase
+            && new.and_then(|n| n.phase.as_ref()) != Some(l)
+        {
+            self.cluster_phase.remove(l);
+        }
+        for l in &old.workloads {
+            if !new.is_some_and(|n| n.workloads.contains(l)) {
+                self.workload_replicas.remove(l);
+            }
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -160,6 +160,7 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
             generation,
         );
         patch_status(client, &ns, &name, &status, generation).await?;
+        ctx.metrics.record_cluster(&cluster, &status);
         return Ok(Action::requeue(PERIODIC));
     }
     let caps = capabilities(client).await?;
@@ -193,6 +194,7 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
                 generation,
             );
             patch_status(client, &ns, &name, &status, generation).await?;
+            ctx.metrics.record_cluster(&cluster, &status);
             publish(&ctx, &cluster, EventType::Warning, reason, &message).await;
             return Ok(Action::requeue(PERIODIC));
         }
@@ -229,6 +231,7 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
     }
     let status = observe(client, &ns, &cluster, &desired, caps).await?;
     patch_status(client, &ns, &name, &status, generation).await?;
+    ctx.metrics.record_cluster(&cluster, &status);
     let ready = status.phase.as_deref() == Some("Ready");
     Ok(Action::requeue(if ready {
         PERIODIC
@@ -553,6 +556,7 @@ async fn remove_orphans(
 async fn cleanup(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = cluster.namespace().unwrap_or_else(|| "default".into());
     let name = cluster.name_any();
+    ctx.metrics.forget_cluster(&ns, &name);
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     pvcs.delete_collection(
         &DeleteParams::background(),
@@ -751,7 +755,12 @@ async fn observe(
         "Reconciling",
         if ready { "False" } else { "True" },
         if ready { "Reconciled" } else { "Progressing" },
-        "children applied",
+        // kstatus (Flux) shows this message while InProgress: say what it waits for.
+        if ready {
+            "children applied"
+        } else {
+            ready_message
+        },
         generation,
     );
     set_condition(
