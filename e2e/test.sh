@@ -53,6 +53,9 @@ log "generated CRD, RBAC YAML and the chart's copies are current"
 cargo run -q --locked -p memu-crds --bin crdgen > "$state/memucluster.yaml"
 diff -u crds/yaml/memucluster.yaml "$state/memucluster.yaml" \
   || { echo "crds/yaml/memucluster.yaml is stale: run cargo run -p memu-crds --bin crdgen > crds/yaml/memucluster.yaml" >&2; exit 1; }
+cargo run -q --locked -p memu-crds --bin crdgen -- --reference > "$state/crd-reference.md"
+diff -u docs/crd-reference.md "$state/crd-reference.md" \
+  || { echo "docs/crd-reference.md is stale: run cargo run -p memu-crds --bin crdgen -- --reference > docs/crd-reference.md" >&2; exit 1; }
 cargo run -q --locked -p memu-operator --bin rbacgen > "$state/operator-rbac.yaml"
 diff -u config/rbac/operator.yaml "$state/operator-rbac.yaml" \
   || { echo "config/rbac/operator.yaml is stale: run cargo run -p memu-operator --bin rbacgen > config/rbac/operator.yaml" >&2; exit 1; }

@@ -7,3 +7,5 @@ pub mod worker;
 
 #[cfg(feature = "kube")]
 pub mod cluster;
+#[cfg(feature = "kube")]
+pub mod reference;
