@@ -952,12 +952,19 @@ fn container(
     args: Vec<String>,
     workload: &WorkloadSpec,
 ) -> Container {
-    let mut mounts = vec![VolumeMount {
-        name: "config".into(),
-        mount_path: "/etc/memu".into(),
-        read_only: Some(true),
-        ..Default::default()
-    }];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: "/etc/memu".into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+    ];
     if cluster.spec.topology() == Topology::Sqlite {
         mounts.push(VolumeMount {
             name: "data".into(),
@@ -1040,13 +1047,12 @@ fn pod_template(
         }),
         ..Default::default()
     }];
-    if cluster.spec.topology() != Topology::Sqlite {
-        volumes.push(Volume {
-            name: "tmp".into(),
-            empty_dir: Some(Default::default()),
-            ..Default::default()
-        });
-    }
+    // The root filesystem is read-only: scratch space (SQLite temp files among others) is here.
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    });
     let worker = container(
         cluster,
         role,

@@ -1336,3 +1336,64 @@ fn spec_tracing_reaches_every_worker_configuration() {
             .unwrap()[CONFIG_HASH]
     );
 }
+
+#[test]
+fn every_volume_is_mounted_and_every_mount_has_a_volume() {
+    for name in ["small", "medium", "large"] {
+        for tls in [false, true] {
+            let mut cluster = sample(name);
+            if tls {
+                cluster = with_tls(cluster, "memu-tls");
+            }
+            let d = desired(&cluster, ALL).unwrap();
+            let claims: Vec<String> = d
+                .stateful_sets
+                .iter()
+                .flat_map(|s| {
+                    s.spec
+                        .as_ref()
+                        .unwrap()
+                        .volume_claim_templates
+                        .iter()
+                        .flatten()
+                })
+                .filter_map(|c| c.metadata.name.clone())
+                .collect();
+            for (object, template) in templates(&d) {
+                let pod = template.spec.as_ref().unwrap();
+                let volumes: Vec<&str> = pod
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .map(|v| v.name.as_str())
+                    .chain(claims.iter().map(String::as_str))
+                    .collect();
+                let mounted: Vec<String> = pod
+                    .containers
+                    .iter()
+                    .flat_map(mounts_of)
+                    .map(|m| m.name)
+                    .collect();
+                for m in &mounted {
+                    assert!(volumes.contains(&m.as_str()), "{object}: {m} has no volume");
+                }
+                for v in pod.volumes.iter().flatten() {
+                    assert!(
+                        mounted.contains(&v.name),
+                        "{object}: volume {} is never mounted",
+                        v.name
+                    );
+                }
+                // Read-only root filesystem: /tmp is the writable scratch space.
+                for c in &pod.containers {
+                    assert!(
+                        mounts_of(c)
+                            .iter()
+                            .any(|m| m.mount_path == "/tmp" && m.read_only != Some(true)),
+                        "{object}: no writable /tmp"
+                    );
+                }
+            }
+        }
+    }
+}
