@@ -66,44 +66,31 @@ fn walk(path: &str, schema: &Value, required: bool, out: &mut Vec<Field>) {
             .to_string(),
         constraints: constraints(schema),
     });
+    walk_properties(path, schema, out);
+    // Arrays of objects: document the element's fields under `path[]`.
+    walk_properties(&format!("{path}[]"), &schema["items"], out);
+    // Maps: the value's fields under `path.<key>`.
+    let values = &schema["additionalProperties"];
+    if values["properties"].is_object() {
+        walk(&format!("{path}.<key>"), values, false, out);
+    }
+}
+
+/// The fields of an object schema under `path.<name>`, each marked required as the object says.
+fn walk_properties(path: &str, schema: &Value, out: &mut Vec<Field>) {
     let needed: Vec<&str> = schema["required"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(Value::as_str)
         .collect();
-    if let Some(properties) = schema["properties"].as_object() {
-        for (name, child) in properties {
-            walk(
-                &format!("{path}.{name}"),
-                child,
-                needed.contains(&name.as_str()),
-                out,
-            );
-        }
-    }
-    // Arrays of objects: document the element's fields under `path[]`.
-    let items = &schema["items"];
-    if items["properties"].is_object() {
-        let needed: Vec<&str> = items["required"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        for (name, child) in items["properties"].as_object().into_iter().flatten() {
-            walk(
-                &format!("{path}[].{name}"),
-                child,
-                needed.contains(&name.as_str()),
-                out,
-            );
-        }
-    }
-    // Maps: the value's fields under `path.<key>`.
-    let values = &schema["additionalProperties"];
-    if values["properties"].is_object() {
-        walk(&format!("{path}.<key>"), values, false, out);
+    for (name, child) in schema["properties"].as_object().into_iter().flatten() {
+        walk(
+            &format!("{path}.{name}"),
+            child,
+            needed.contains(&name.as_str()),
+            out,
+        );
     }
 }
 

@@ -13,7 +13,12 @@ bin=$(bash "$(dirname "$0")/install.sh")
 pki="$state/pki"
 kubeconfig="$state/kubeconfig"
 
+# Reused only when the API answers and every component is still running: an API server whose
+# kwok died would leave its nodes NotReady and every pod Pending.
 healthy() {
+  for p in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+    kill -0 "$(cat "$state/run/$p.pid" 2>/dev/null || echo 0)" 2>/dev/null || return 1
+  done
   [ -f "$kubeconfig" ] && "$bin/kubectl" --kubeconfig "$kubeconfig" get --raw /readyz >/dev/null 2>&1
 }
 if healthy; then
@@ -93,6 +98,8 @@ KC
 kubeconfig_for "$state/kubeconfig.tmp" admin
 kubeconfig_for "$state/controller-manager.kubeconfig" controller-manager
 kubeconfig_for "$state/scheduler.kubeconfig" scheduler
+# kwok reads its own copy: kubeconfig.tmp is renamed at the end, maybe before kwok has read it.
+kubeconfig_for "$state/kwok.kubeconfig" admin
 
 for _ in $(seq 1 120); do
   "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" get --raw /readyz >/dev/null 2>&1 && break
@@ -120,7 +127,7 @@ nohup "$bin/kube-scheduler" --kubeconfig "$state/scheduler.kubeconfig" \
 echo $! > "$state/run/kube-scheduler.pid"
 
 log "kwok with fake nodes"
-nohup "$bin/kwok" --kubeconfig "$state/kubeconfig.tmp" --manage-all-nodes=false \
+nohup "$bin/kwok" --kubeconfig "$state/kwok.kubeconfig" --manage-all-nodes=false \
   --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
   --node-ip 127.0.0.1 --cidr 10.244.0.0/16 --node-lease-duration-seconds 40 > "$state/logs/kwok.log" 2>&1 &
 echo $! > "$state/run/kwok.pid"
@@ -143,9 +150,14 @@ for _ in $(seq 1 60); do
   "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" get serviceaccount default >/dev/null 2>&1 && break
   sleep 0.5
 done
+nodes_ready=false
 for _ in $(seq 1 120); do
-  "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" get nodes -o jsonpath='{.items[*].spec.taints}' | grep -q not-ready || break
+  if ! "$bin/kubectl" --kubeconfig "$state/kubeconfig.tmp" get nodes -o jsonpath='{.items[*].spec.taints}' | grep -q not-ready; then
+    nodes_ready=true
+    break
+  fi
   sleep 0.5
 done
+$nodes_ready || { log "kwok's nodes did not become Ready; see $state/logs/kwok.log"; exit 1; }
 mv "$state/kubeconfig.tmp" "$kubeconfig"
 echo "$kubeconfig"

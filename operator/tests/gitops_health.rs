@@ -4,21 +4,16 @@
 //! over the fixtures of `config/argocd/testdata/` and over the objects a real operator writes on
 //! a real API server (`MEMU_TEST_KUBECONFIG`, started by `e2e/k8s/start.sh`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use k8s_openapi::api::core::v1::PersistentVolume;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, PostParams};
 use memu_crds::cluster::MemUCluster;
 use serde_json::{Value, json};
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
-}
+mod common;
+use common::{Operator, client, create_namespace, free_port, repo, small_sample_volume};
 
 /// Lua source of a table constructor for a JSON value: objects become tables with string keys,
 /// arrays sequences from index 1, null nil; integers stay Lua integers.
@@ -142,7 +137,7 @@ fn fixtures_health_in_argocd_and_kstatus() {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     fixtures.sort();
-    assert!(fixtures.len() >= 6, "fixtures missing in {}", dir.display());
+    assert!(fixtures.len() >= 6, "fixtures missing in {dir}");
     let mut failures = Vec::new();
     for path in &fixtures {
         let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -190,19 +185,6 @@ fn argocd_cm_embeds_the_health_script() {
 
 // ---- against a real API server and operator ----
 
-async fn client() -> Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let path = std::env::var("MEMU_TEST_KUBECONFIG").expect(
-        "MEMU_TEST_KUBECONFIG is not set: run the suite through e2e/test.sh, which starts a real \
-         kube-apiserver with e2e/k8s/start.sh",
-    );
-    let kubeconfig = Kubeconfig::read_from(path).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
-
 /// Polls `check` a bounded number of times until it yields a value.
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -216,23 +198,6 @@ where
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     panic!("never happened: {what}");
-}
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn condition<'a>(object: &'a Value, kind: &str) -> Option<&'a Value> {
@@ -261,52 +226,29 @@ async fn observed(api: &Api<DynamicObject>, name: &str, kind: &str, status: &str
 #[tokio::test]
 async fn live_status_is_health_for_argocd_and_flux() {
     let client = client().await;
-    // The CRD as the repository generates it.
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd: CustomResourceDefinition = serde_norway::from_str(
-        &std::fs::read_to_string(repo("crds/yaml/memucluster.yaml")).unwrap(),
-    )
-    .unwrap();
-    let crd_name = crd.metadata.name.clone().unwrap();
-    crds.patch(
-        &crd_name,
-        &PatchParams::apply("memu-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    eventually("CRD established", || async {
-        let c = crds.get(&crd_name).await.ok()?;
-        c.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await;
+    common::apply_yaml_file(&client, "crds/yaml/memucluster.yaml").await;
     let ns = format!("gitops-{}", std::process::id());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let namespaces = create_namespace(&client, &ns).await;
 
     let port = free_port();
-    let log = std::env::temp_dir().join(format!("memu-gitops-{ns}.log"));
-    let _operator = Operator(
-        Command::new(env!("CARGO_BIN_EXE_memu-operator"))
-            .env("KUBECONFIG", std::env::var("MEMU_TEST_KUBECONFIG").unwrap())
-            .env("RUST_LOG", "info,kube=warn")
-            .args(["--lease-namespace", &ns, "--watch-namespace", &ns])
-            .args(["--identity", "gitops", "--metrics-addr"])
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let kubeconfig = common::kubeconfig_path();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let _operator = Operator::spawn(
+        [
+            "--lease-namespace",
+            &ns,
+            "--watch-namespace",
+            &ns,
+            "--identity",
+            "gitops",
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        [
+            ("KUBECONFIG", kubeconfig.as_str()),
+            ("RUST_LOG", "info,kube=warn"),
+        ],
+        &format!("memu-gitops-{ns}"),
     );
 
     let api: Api<DynamicObject> =
@@ -322,24 +264,8 @@ async fn live_status_is_health_for_argocd_and_flux() {
     };
     // Ready: the small sample (a StatefulSet that becomes ready on a kwok node), with a volume
     // for its SQLite claim (the test cluster has no provisioner).
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let pv = format!("{ns}-small");
-    pvs.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {"name": pv},
-            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
-                     "hostPath": {"path": "/tmp/memu-gitops-pv"},
-                     "claimRef": {"namespace": ns, "name": "data-memu-small-worker-0"}},
-        }))
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let sample: Value = serde_norway::from_str(
-        &std::fs::read_to_string(repo("config/samples/small.yaml")).unwrap(),
-    )
-    .unwrap();
+    let pv = small_sample_volume(&client, &ns).await;
+    let sample = common::sample("small");
     create("memu-small", sample["spec"].clone()).await;
     // Reconciling: the API pods wait for a certificate Secret that does not exist.
     create(
@@ -441,7 +367,7 @@ async fn live_status_is_health_for_argocd_and_flux() {
     );
     // Every memu_operator_* name of the alert rules and the dashboard is exported by the
     // running operator.
-    let usages = memu_e2e::promql::repository_usages(&repo("")).unwrap();
+    let usages = memu_e2e::promql::repository_usages(std::path::Path::new(&repo(""))).unwrap();
     let exported = memu_e2e::promql::exported_names(&metrics);
     let missing =
         memu_e2e::promql::missing(&usages, |n| n.starts_with("memu_operator_"), &exported, &[]);
@@ -452,5 +378,7 @@ async fn live_status_is_health_for_argocd_and_flux() {
     );
 
     let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
-    let _ = pvs.delete(&pv, &DeleteParams::background()).await;
+    let _ = Api::<PersistentVolume>::all(client.clone())
+        .delete(&pv, &DeleteParams::background())
+        .await;
 }

@@ -27,6 +27,22 @@ const ALL: Capabilities = Capabilities {
     keda: false,
 };
 
+/// The configuration hash stamped on the first Deployment's pod template.
+fn config_hash(d: &render::Desired) -> String {
+    d.deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()[CONFIG_HASH]
+        .clone()
+}
+
 fn config_of(d: &render::Desired) -> WorkerConfig {
     let yaml = &d.config_map.as_ref().unwrap().data.as_ref().unwrap()["worker.yaml"];
     let config: WorkerConfig = serde_norway::from_str(yaml).unwrap();
@@ -215,21 +231,7 @@ fn large_uses_the_external_citus_coordinator() {
 #[test]
 fn spec_changes_roll_pods_through_the_config_hash() {
     let mut cluster = sample("medium");
-    let hash = |c: &MemUCluster| {
-        let d = desired(c, ALL).unwrap();
-        d.deployments[0]
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()[CONFIG_HASH]
-            .clone()
-    };
+    let hash = |c: &MemUCluster| config_hash(&desired(c, ALL).unwrap());
     let before = hash(&cluster);
     assert_eq!(before, hash(&cluster), "rendering is deterministic");
     cluster.spec.llm.extraction.as_mut().unwrap().model = Some("gpt-4o".into());
@@ -1310,30 +1312,9 @@ fn spec_tracing_reaches_every_worker_configuration() {
     assert_eq!(tracing.sample_ratio, 0.25);
     assert_eq!(tracing.service_name, "memu-worker.memu-medium");
     // A changed tracing target rolls the pods like any other configuration change.
-    let before = desired(&sample("medium"), ALL).unwrap();
     assert_ne!(
-        before.deployments[0]
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()[CONFIG_HASH],
-        d.deployments[0]
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()[CONFIG_HASH]
+        config_hash(&desired(&sample("medium"), ALL).unwrap()),
+        config_hash(&d)
     );
 }
 

@@ -2,8 +2,9 @@
 //! that lets an in-flight request finish before exiting 0.
 
 mod common;
+use common::{Running, free_port};
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use memu_e2e::openai_stub::{Endpoint, OpenAiStub, StubOptions};
@@ -23,14 +24,6 @@ fn worker(dir: &std::path::Path) -> Command {
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run memu-worker")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -106,14 +99,6 @@ fn effective_config_is_printed() {
     let config: Value = serde_norway::from_slice(&out.stdout).unwrap();
     assert_eq!(config["role"], "pipeline");
     assert_eq!(config["vector"]["hnsw_m"], 16);
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
 }
 
 /// `memu-worker admin key create --output-file`, as `scripts/serve-local.sh` runs it; the key
@@ -290,21 +275,7 @@ async fn readme_flow_with_defaults_and_the_local_model() {
         .await
         .unwrap();
     let id = task["task_id"].as_str().unwrap();
-    let mut status = Value::Null;
-    for _ in 0..200 {
-        status = http
-            .get(format!("{base}/api/v3/memory/memorize/status/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if status["status"] != "PENDING" && status["status"] != "PROCESSING" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = common::wait_task_over_http(&http, &base, id).await;
     assert_eq!(status["status"], "SUCCESS", "{status}");
     let found: Value = http
         .post(format!("{base}/api/v3/memory/retrieve"))

@@ -6,8 +6,9 @@
 //! (`memu_operator_*`) are checked in `operator/tests/metric_names.rs`.
 
 mod common;
+use common::{Running, free_port};
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use memu_e2e::openai_stub::{Endpoint, OpenAiStub, Scripted, StubOptions};
@@ -23,23 +24,6 @@ const ALLOWED: &[(&str, &str)] = &[];
 /// Whether the worker must export `name` (the operator's and kube-state-metrics' are not its own).
 fn worker_owns(name: &str) -> bool {
     !name.starts_with("memu_operator_") && !name.starts_with("kube_")
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn worker(config: &std::path::Path) -> Command {
@@ -145,21 +129,7 @@ async fn alert_and_dashboard_metric_names_are_exported_by_the_worker() {
         .await
         .unwrap();
     let id = task["task_id"].as_str().expect("a task id").to_string();
-    let mut status = Value::Null;
-    for _ in 0..400 {
-        status = http
-            .get(format!("{base}/api/v3/memory/memorize/status/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if status["status"] != "PENDING" && status["status"] != "PROCESSING" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = common::wait_task_over_http(&http, &base, &id).await;
     assert_eq!(status["status"], "SUCCESS", "{status}");
     for _ in 0..2 {
         let r = http

@@ -259,3 +259,47 @@ impl Drop for TestServer {
 pub fn u(user_id: &str) -> memu_worker::model::UserRef<'_> {
     memu_worker::model::UserRef::new("default", user_id)
 }
+
+/// A free loopback port (bound and released; the caller binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process (a `memu-worker` binary under test), killed when dropped.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls a task through the HTTP API of a running worker until it leaves PENDING/PROCESSING
+/// (bounded number of polls); returns the last status body.
+pub async fn wait_task_over_http(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+) -> serde_json::Value {
+    let mut status = serde_json::Value::Null;
+    for _ in 0..400 {
+        status = http
+            .get(format!("{base}/api/v3/memory/memorize/status/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["status"] != "PENDING" && status["status"] != "PROCESSING" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    status
+}
