@@ -6,3 +6,12 @@ pub mod eval;
 pub mod openai_stub;
 pub mod otlp_sink;
 pub mod promql;
+
+/// A free loopback port (bound and released; the caller binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}

@@ -1082,20 +1082,7 @@ fn a_missing_certificate_secret_is_reported_by_name() {
         "{message}"
     );
     // Turning TLS on or off rolls the pods (the configuration changes).
-    let hash = |c: &MemUCluster| {
-        desired(c, ALL).unwrap().deployments[0]
-            .spec
-            .as_ref()
-            .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()[CONFIG_HASH]
-            .clone()
-    };
+    let hash = |c: &MemUCluster| config_hash(&desired(c, ALL).unwrap());
     assert_ne!(hash(&cluster), hash(&without_tls(cluster.clone())));
 }
 

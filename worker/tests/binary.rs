@@ -2,7 +2,7 @@
 //! that lets an in-flight request finish before exiting 0.
 
 mod common;
-use common::{Running, free_port};
+use common::{Running, create_key, free_port};
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -99,36 +99,6 @@ fn effective_config_is_printed() {
     let config: Value = serde_norway::from_slice(&out.stdout).unwrap();
     assert_eq!(config["role"], "pipeline");
     assert_eq!(config["vector"]["hnsw_m"], 16);
-}
-
-/// `memu-worker admin key create --output-file`, as `scripts/serve-local.sh` runs it; the key
-/// file is private to its owner.
-fn create_key(cmd: &mut Command, dir: &std::path::Path) -> String {
-    use std::os::unix::fs::PermissionsExt as _;
-    let file = dir.join("api-key");
-    let out = run(cmd
-        .args([
-            "admin",
-            "key",
-            "create",
-            "--tenant",
-            "default",
-            "--output-file",
-        ])
-        .arg(&file));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = std::fs::read_to_string(&file).unwrap().trim().to_string();
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains(&key),
-        "key echoed"
-    );
-    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600);
-    key
 }
 
 async fn wait_ready(base: &str) {

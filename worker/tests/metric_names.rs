@@ -6,7 +6,7 @@
 //! (`memu_operator_*`) are checked in `operator/tests/metric_names.rs`.
 
 mod common;
-use common::{Running, free_port};
+use common::{Running, create_key, free_port};
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -70,28 +70,7 @@ async fn alert_and_dashboard_metric_names_are_exported_by_the_worker() {
     });
     std::fs::write(&config, serde_norway::to_string(&config_doc).unwrap()).unwrap();
 
-    let key_file = dir.path().join("api-key");
-    let out = worker(&config)
-        .args([
-            "admin",
-            "key",
-            "create",
-            "--tenant",
-            "default",
-            "--output-file",
-        ])
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = std::fs::read_to_string(&key_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    let key = create_key(&mut worker(&config), dir.path());
     let _running = Running(
         worker(&config)
             .args(["serve", "--role", "all"])

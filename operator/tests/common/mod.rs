@@ -123,13 +123,8 @@ impl Drop for Operator {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[allow(unused_imports)] // Not every test file binds a port.
+pub use memu_e2e::free_port;
 
 pub async fn create_namespace(client: &Client, ns: &str) -> Api<Namespace> {
     let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -260,14 +260,8 @@ pub fn u(user_id: &str) -> memu_worker::model::UserRef<'_> {
     memu_worker::model::UserRef::new("default", user_id)
 }
 
-/// A free loopback port (bound and released; the caller binds it right after).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[allow(unused_imports)] // Not every test file binds a port.
+pub use memu_e2e::free_port;
 
 /// A child process (a `memu-worker` binary under test), killed when dropped.
 pub struct Running(pub std::process::Child);
@@ -302,4 +296,36 @@ pub async fn wait_task_over_http(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     status
+}
+
+/// `memu-worker admin key create --output-file`, as `scripts/serve-local.sh` runs it; the key
+/// file is private to its owner.
+pub fn create_key(cmd: &mut std::process::Command, dir: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = dir.join("api-key");
+    let out = cmd
+        .args([
+            "admin",
+            "key",
+            "create",
+            "--tenant",
+            "default",
+            "--output-file",
+        ])
+        .arg(&file)
+        .output()
+        .expect("run memu-worker");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains(&key),
+        "key echoed"
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    key
 }
