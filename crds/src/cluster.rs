@@ -326,12 +326,39 @@ pub struct TracingSpec {
     pub sample_ratio: Option<f64>,
 }
 
-/// Redis shared by every worker: query embeddings and retrieve results, invalidated per user.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+/// Redis shared by every worker: query embeddings, retrieve results (invalidated per user on
+/// writes) and the per-tenant rate-limit buckets. Either an external Redis or one the operator
+/// runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.redisUrlSecret) != has(self.managed)").message("cache needs exactly one of redisUrlSecret (an external Redis) or managed (a Redis the operator runs)"))]
 pub struct CacheSpec {
-    /// Secret key holding the Redis URL (`redis://[:password@]host:port/db`).
-    pub redis_url_secret: SecretKeyRef,
+    /// Secret key holding the URL of an external Redis (`redis://[:password@]host:port/db`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url_secret: Option<SecretKeyRef>,
+    /// A single-replica Redis StatefulSet run by the operator, password-protected, without
+    /// persistence (everything in it can be recomputed); `{}` takes the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedCacheSpec>,
+}
+
+/// The Redis the operator runs for a MemUCluster's cache.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedCacheSpec {
+    /// Redis image (default `redis:7.4-alpine`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Memory Redis may use for data (`maxmemory`, least recently used keys are evicted beyond
+    /// it), in MiB; the container's memory limit adds a quarter for Redis's own overhead.
+    /// Default 512.
+    #[x_kube(validation = Rule::new("self >= 32 && self <= 262144").message("maxMemoryMiB must be between 32 and 262144"))]
+    #[serde(
+        default,
+        rename = "maxMemoryMiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_memory_mib: Option<u32>,
 }
 
 /// The certificate the workers serve their API with. The API port speaks HTTPS only; health,

@@ -15,7 +15,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams,
+};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -217,8 +220,16 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
         )
         .await?;
     }
+    if render::managed_cache(&cluster).is_some() {
+        ensure_login(
+            client,
+            &ns,
+            &render::cache_secret(&cluster, &new_password()),
+        )
+        .await?;
+    }
     let changed = apply_all(client, &ns, &desired).await?;
-    let removed = remove_orphans(client, &ns, &name, &desired).await?;
+    let removed = remove_orphans(client, &ns, &name, &desired, caps).await?;
     if changed + removed > 0 {
         publish(
             &ctx,
@@ -287,6 +298,50 @@ async fn ensure_admin_key(ctx: &Context, ns: &str, cluster: &MemUCluster) -> Res
         publish(ctx, cluster, type_, reason, &note).await;
     }
     Ok(render::secret_version(&stored))
+}
+
+/// The `CacheReady` condition when `spec.cache` is set; true when there is nothing to wait for.
+async fn observe_cache(
+    client: &Client,
+    ns: &str,
+    cluster: &MemUCluster,
+    status: &mut MemUClusterStatus,
+) -> Result<bool, Error> {
+    let Some(cache) = &cluster.spec.cache else {
+        status.conditions.retain(|c| c.type_ != "CacheReady");
+        return Ok(true);
+    };
+    let (ready, reason, message) = if cache.managed.is_some() {
+        let name = render::cache_name(cluster);
+        let ready = stateful_set_ready(client, ns, &name).await? > 0;
+        (
+            ready,
+            if ready {
+                "ManagedReady"
+            } else {
+                "ManagedNotReady"
+            },
+            format!(
+                "managed Redis StatefulSet {name} {}",
+                if ready { "ready" } else { "not ready yet" }
+            ),
+        )
+    } else {
+        (
+            true,
+            "External",
+            "external Redis referenced by Secret".to_string(),
+        )
+    };
+    set_condition(
+        &mut status.conditions,
+        "CacheReady",
+        if ready { "True" } else { "False" },
+        reason,
+        &message,
+        cluster.metadata.generation,
+    );
+    Ok(ready)
 }
 
 /// Ready replicas of a StatefulSet (0 when absent).
@@ -482,20 +537,12 @@ async fn remove_orphans(
     ns: &str,
     name: &str,
     d: &Desired,
+    caps: Capabilities,
 ) -> Result<usize, Error> {
-    async fn sweep<K>(
-        client: &Client,
-        ns: &str,
-        name: &str,
-        keep: BTreeSet<String>,
-    ) -> Result<usize, Error>
+    async fn sweep<K>(api: Api<K>, name: &str, keep: BTreeSet<String>) -> Result<usize, Error>
     where
-        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug,
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
     {
-        let api: Api<K> = Api::namespaced(client.clone(), ns);
         let mut removed = 0;
         for o in api
             .list(&ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")))
@@ -516,39 +563,52 @@ async fn remove_orphans(
         }
         Ok(removed)
     }
-    fn names<K: Resource>(objects: &[K]) -> BTreeSet<String> {
+    fn names<'a, K: Resource + 'a>(objects: impl IntoIterator<Item = &'a K>) -> BTreeSet<String> {
         objects
-            .iter()
+            .into_iter()
             .filter_map(|o| o.meta().name.clone())
             .collect()
     }
+    fn api<K>(client: &Client, ns: &str) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(client.clone(), ns)
+    }
     let mut removed = 0;
-    removed += sweep::<Deployment>(client, ns, name, names(&d.deployments)).await?;
-    removed += sweep::<StatefulSet>(client, ns, name, names(&d.stateful_sets)).await?;
-    removed += sweep::<Service>(client, ns, name, names(&d.services)).await?;
-    removed += sweep::<HorizontalPodAutoscaler>(client, ns, name, names(&d.hpas)).await?;
-    removed += sweep::<PodDisruptionBudget>(client, ns, name, names(&d.pdbs)).await?;
-    removed += sweep::<Job>(client, ns, name, names(&d.jobs)).await?;
-    removed += sweep::<ConfigMap>(
-        client,
-        ns,
-        name,
-        d.config_map
-            .iter()
-            .filter_map(|c| c.metadata.name.clone())
-            .collect(),
-    )
-    .await?;
-    removed += sweep::<ServiceAccount>(
-        client,
-        ns,
-        name,
-        d.service_account
-            .iter()
-            .filter_map(|c| c.metadata.name.clone())
-            .collect(),
-    )
-    .await?;
+    removed += sweep::<Deployment>(api(client, ns), name, names(&d.deployments)).await?;
+    removed += sweep::<StatefulSet>(api(client, ns), name, names(&d.stateful_sets)).await?;
+    removed += sweep::<Service>(api(client, ns), name, names(&d.services)).await?;
+    removed += sweep::<HorizontalPodAutoscaler>(api(client, ns), name, names(&d.hpas)).await?;
+    removed += sweep::<PodDisruptionBudget>(api(client, ns), name, names(&d.pdbs)).await?;
+    removed += sweep::<Job>(api(client, ns), name, names(&d.jobs)).await?;
+    removed += sweep::<ConfigMap>(api(client, ns), name, names(&d.config_map)).await?;
+    removed += sweep::<ServiceAccount>(api(client, ns), name, names(&d.service_account)).await?;
+    // Optional kinds, where their CRD is installed. Never the CloudNativePG Cluster: it holds
+    // the data and goes only by the deletion policy.
+    for (group, version, kind, installed) in [
+        ("keda.sh", "v1alpha1", "ScaledObject", caps.keda),
+        ("keda.sh", "v1alpha1", "TriggerAuthentication", caps.keda),
+        (
+            "monitoring.coreos.com",
+            "v1",
+            "ServiceMonitor",
+            caps.service_monitor,
+        ),
+    ] {
+        if !installed {
+            continue;
+        }
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+        let keep = names(
+            d.dynamic
+                .iter()
+                .filter(|(a, _)| a.kind == kind)
+                .map(|(_, o)| o),
+        );
+        let api = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar);
+        removed += sweep(api, name, keep).await?;
+    }
     Ok(removed)
 }
 
@@ -715,6 +775,7 @@ async fn observe(
         &db_message,
         generation,
     );
+    let cache_ready = observe_cache(client, ns, cluster, &mut status).await?;
     // A missing certificate Secret keeps the API pods from starting: say which one.
     let tls_missing = match render::tls_secret_name(cluster) {
         Some(secret) => {
@@ -726,7 +787,7 @@ async fn observe(
         }
         None => None,
     };
-    let ready = all_ready && db_ready && tls_missing.is_none();
+    let ready = all_ready && db_ready && cache_ready && tls_missing.is_none();
     status.phase = Some(
         if ready {
             "Ready"
@@ -740,6 +801,7 @@ async fn observe(
     let (ready_reason, ready_message) = match &tls_missing {
         Some((reason, message)) => (*reason, message.as_str()),
         None if ready => ("AllReplicasReady", "all workloads ready"),
+        None if all_ready && db_ready => ("Progressing", "waiting for the cache"),
         None => ("Progressing", "waiting for workloads and database"),
     };
     set_condition(

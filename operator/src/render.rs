@@ -38,6 +38,9 @@ use memu_crds::worker::{
 
 use crate::admin_key;
 
+mod cache;
+pub use cache::{cache_name, cache_secret, managed_cache, redis_args};
+
 /// Field manager of every server-side apply.
 pub const MANAGER: &str = "memu-operator";
 /// Label that ties a child to its MemUCluster (orphan cleanup lists by it).
@@ -818,9 +821,9 @@ fn worker_env(cluster: &MemUCluster) -> Vec<EnvVar> {
             }
         }
     }
-    if let Some(cache) = &spec.cache {
+    if let Some(url) = cache::redis_url_secret(cluster) {
         // The worker reads REDIS_URL (cache.redis_url_env); the URL may carry a password.
-        env.push(secret_env("REDIS_URL", &cache.redis_url_secret, false));
+        env.push(secret_env("REDIS_URL", &url, false));
     }
     for (role, provider) in [
         ("embedding", &spec.llm.embedding),
@@ -1429,6 +1432,12 @@ pub fn desired(cluster: &MemUCluster, caps: Capabilities) -> Result<Desired, Spe
             out.stateful_sets
                 .push(citus_node(cluster, &format!("worker-{i}"), "citus-worker"));
         }
+    }
+
+    if let Some(managed) = cache::managed_cache(cluster) {
+        out.services.push(cache::cache_service(cluster));
+        out.stateful_sets
+            .push(cache::cache_stateful_set(cluster, managed));
     }
 
     // Managed Postgres: a CloudNativePG Cluster with pgvector. With deletionPolicy Retain it has

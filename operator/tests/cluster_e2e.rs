@@ -191,8 +191,46 @@ async fn failover_managed_citus_and_delete_policy() {
             "memu-citus-citus-coordinator",
             "memu-citus-citus-worker-0",
             "memu-citus-citus-worker-1",
-            "memu-citus-citus-worker-2"
+            "memu-citus-citus-worker-2",
+            "memu-citus-redis"
         ]
+    );
+    // The large sample's managed Redis: its password only in its Secret, the workers' REDIS_URL
+    // from that Secret.
+    let redis = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &ns)
+        .get("memu-citus-redis")
+        .await
+        .unwrap();
+    let redis_password = String::from_utf8(redis.data.unwrap()["password"].0.clone()).unwrap();
+    assert_eq!(redis_password.len(), 32);
+    let api_env = deployments
+        .get("memu-citus-api")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let redis_url = api_env.iter().find(|e| e.name == "REDIS_URL").unwrap();
+    let from = redis_url
+        .value_from
+        .clone()
+        .unwrap()
+        .secret_key_ref
+        .unwrap();
+    assert_eq!(
+        (from.name.as_str(), from.key.as_str()),
+        ("memu-citus-redis", "url")
+    );
+    let redis_sts = serde_json::to_string(&sts.get("memu-citus-redis").await.unwrap()).unwrap();
+    assert!(
+        !redis_sts.contains(&redis_password),
+        "no password in the StatefulSet"
     );
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
     let credentials = secrets.get("memu-citus-citus-credentials").await.unwrap();
@@ -201,6 +239,10 @@ async fn failover_managed_citus_and_delete_policy() {
     let citus_now = clusters.get("memu-citus").await.unwrap();
     let status_text = serde_json::to_string(&citus_now.status).unwrap();
     assert!(!status_text.contains(&password), "no secret in status");
+    assert!(
+        !status_text.contains(&redis_password),
+        "no Redis password in status"
+    );
     let db = citus_now
         .status
         .unwrap()

@@ -299,10 +299,16 @@ fn managed_citus_is_a_coordinator_and_one_statefulset_per_worker() {
             "memu-large-citus-worker-0",
             "memu-large-citus-worker-1",
             "memu-large-citus-worker-2",
-            "memu-large-citus-worker-3"
+            "memu-large-citus-worker-3",
+            "memu-large-redis"
         ]
     );
-    for sts in &d.stateful_sets {
+    // The managed Redis holds nothing to keep: it is owned whatever the deletion policy.
+    for sts in d
+        .stateful_sets
+        .iter()
+        .filter(|s| s.metadata.name.as_deref().unwrap().contains("-citus-"))
+    {
         // Retain: the database outlives the MemUCluster.
         assert!(sts.metadata.owner_references.is_none());
         let spec = sts.spec.as_ref().unwrap();
@@ -439,35 +445,64 @@ fn with_keda_the_pipeline_scales_on_the_queue_and_the_api_on_cpu() {
 
 #[test]
 fn a_redis_secret_reaches_every_worker_as_redis_url() {
-    // The large sample names its Redis Secret.
+    // The large sample runs a managed Redis; an external one is named by its Secret.
     let mut large = sample("large");
-    let d = desired(&large, ALL).unwrap();
-    for deployment in &d.deployments {
-        let env = deployment
-            .spec
-            .as_ref()
+    let managed = desired(&large, ALL).unwrap();
+    let redis_sts = managed
+        .stateful_sets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("memu-large-redis"))
+        .expect("the managed Redis StatefulSet");
+    assert_eq!(redis_sts.spec.as_ref().unwrap().replicas, Some(1));
+    assert!(
+        managed
+            .services
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some("memu-large-redis"))
+    );
+    let mut external = large.clone();
+    external.spec.cache = Some(memu_crds::cluster::CacheSpec {
+        redis_url_secret: Some(memu_crds::cluster::SecretKeyRef {
+            name: "memu-redis".into(),
+            key: "url".into(),
+        }),
+        managed: None,
+    });
+    let external = desired(&external, ALL).unwrap();
+    assert!(
+        external.stateful_sets.iter().all(|s| !s
+            .metadata
+            .name
+            .as_deref()
             .unwrap()
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
-            .env
-            .clone()
-            .unwrap();
-        let redis = env.iter().find(|e| e.name == "REDIS_URL").unwrap();
-        assert!(redis.value.is_none(), "never in clear");
-        let secret = redis
-            .value_from
-            .as_ref()
-            .unwrap()
-            .secret_key_ref
-            .as_ref()
-            .unwrap();
-        assert_eq!(
-            (secret.name.as_str(), secret.key.as_str()),
-            ("memu-redis", "url")
-        );
+            .ends_with("-redis")),
+        "an external Redis runs nothing"
+    );
+    for (d, want) in [(&managed, "memu-large-redis"), (&external, "memu-redis")] {
+        for deployment in &d.deployments {
+            let env = deployment
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers[0]
+                .env
+                .clone()
+                .unwrap();
+            let redis = env.iter().find(|e| e.name == "REDIS_URL").unwrap();
+            assert!(redis.value.is_none(), "never in clear");
+            let secret = redis
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
+            assert_eq!((secret.name.as_str(), secret.key.as_str()), (want, "url"));
+        }
     }
     large.spec.cache = None;
     assert!(
@@ -1019,7 +1054,11 @@ fn without_spec_tls_nothing_changes() {
         assert_eq!(config.server.tls, None, "{n}");
         assert_eq!(config.server.metrics_listen, None, "{n}");
         assert_eq!(config.server.listen, "0.0.0.0:8080");
-        for (object, template) in templates(&d) {
+        // The managed Redis mounts its own auth Secret; it serves no HTTPS either way.
+        for (object, template) in templates(&d)
+            .into_iter()
+            .filter(|(o, _)| !o.ends_with("-redis"))
+        {
             let pod = template.spec.as_ref().unwrap();
             assert!(
                 pod.volumes.iter().flatten().all(|v| v.secret.is_none()),
