@@ -661,3 +661,122 @@ async fn operator_reconciles_samples_against_a_real_api_server() {
         .await
         .unwrap();
 }
+
+/// Without KEDA the pipeline scales on CPU through an HPA; when KEDA's CRD appears the operator
+/// switches it to a ScaledObject on the queue and sweeps the HPA, and fixed replicas sweep the
+/// ScaledObject. The test removes the cluster-wide ScaledObject CRD for a while, so it runs in
+/// the `optional-crds` test group (`.config/nextest.toml`), never beside the other tests that
+/// install or read optional CRDs.
+#[tokio::test]
+async fn the_pipeline_scales_on_cpu_without_keda_and_on_the_queue_with_it() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let client = client().await;
+    apply_yaml_file(&client, "crds/yaml/memucluster.yaml").await;
+    apply_yaml_file(&client, "e2e/k8s/crds/optional-crds.yaml").await;
+    let ns = format!("e2e-nokeda-{}", std::process::id());
+    let namespaces = create_namespace(&client, &ns).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete("scaledobjects.keda.sh", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the ScaledObject CRD is gone", || async {
+        crds.get_opt("scaledobjects.keda.sh")
+            .await
+            .is_ok_and(|c| c.is_none())
+    })
+    .await;
+    // Whatever happens below, the shared API server gets KEDA's CRD back.
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+        switch_between_hpa_and_keda(&client, &ns),
+    ))
+    .await;
+    apply_yaml_file(&client, "e2e/k8s/crds/optional-crds.yaml").await;
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn switch_between_hpa_and_keda(client: &Client, ns: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = operator_kubeconfig(client, ns, dir.path()).await;
+    let _operator = start_operator(&kubeconfig, ns, "op-a", "15");
+    let clusters: Api<MemUCluster> = Api::namespaced(client.clone(), ns);
+    let mut medium = sample("medium");
+    medium["metadata"] = json!({"name": "memu-nokeda", "namespace": ns});
+    let object: MemUCluster = serde_json::from_value(medium).unwrap();
+    let ssa = PatchParams::apply("memu-e2e").force();
+    clusters
+        .patch("memu-nokeda", &ssa, &Patch::Apply(&object))
+        .await
+        .unwrap();
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+    let cpu_target = |hpa: &HorizontalPodAutoscaler| {
+        hpa.spec.as_ref().and_then(|s| {
+            s.metrics.as_ref()?.iter().find_map(|m| {
+                let r = m.resource.as_ref()?;
+                (r.name == "cpu").then_some(r.target.average_utilization)?
+            })
+        })
+    };
+    eventually("CPU HPAs for both workloads", || async {
+        let pipeline = hpas.get_opt("memu-nokeda-pipeline").await.ok().flatten();
+        let api = hpas.get_opt("memu-nokeda-api").await.ok().flatten();
+        pipeline.as_ref().and_then(cpu_target) == Some(memu_operator::render::DEFAULT_CPU_TARGET)
+            && api.as_ref().and_then(cpu_target) == Some(65)
+    })
+    .await;
+    let pipeline = hpas
+        .get("memu-nokeda-pipeline")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!((pipeline.min_replicas, pipeline.max_replicas), (Some(1), 6));
+
+    // KEDA appears: the pipeline moves to a ScaledObject on the queue, its HPA is swept.
+    apply_yaml_file(client, "e2e/k8s/crds/optional-crds.yaml").await;
+    let scaled: Api<DynamicObject> = dynamic_api(client, ns, "keda.sh", "v1alpha1", "ScaledObject");
+    eventually("a ScaledObject replaces the pipeline's HPA", || async {
+        scaled
+            .get_opt("memu-nokeda-pipeline")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+            && hpas
+                .get_opt("memu-nokeda-pipeline")
+                .await
+                .is_ok_and(|h| h.is_none())
+    })
+    .await;
+    assert!(hpas.get_opt("memu-nokeda-api").await.unwrap().is_some());
+
+    // Fixed replicas: the ScaledObject goes too (orphan cleanup of optional kinds).
+    clusters
+        .patch(
+            "memu-nokeda",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"pipeline": {"autoscaling": null, "replicas": 2}}})),
+        )
+        .await
+        .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    eventually("ScaledObject swept, replicas fixed", || async {
+        let gone = scaled
+            .get_opt("memu-nokeda-pipeline")
+            .await
+            .is_ok_and(|s| s.is_none());
+        let replicas = deployments
+            .get_opt("memu-nokeda-pipeline")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|d| d.spec?.replicas);
+        gone && replicas == Some(2)
+    })
+    .await;
+}
