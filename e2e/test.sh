@@ -31,6 +31,9 @@ log "lua5.4 (Argo CD health script) and kstatus-eval (Flux health, built with Go
 lua=$(bash e2e/scripts/install-lua.sh)
 kstatus=$(bash e2e/scripts/install-kstatus.sh)
 
+log "promtool (alert rules and dashboard queries; Debian's prometheus package, unpacked)"
+promtool=$(bash e2e/scripts/install-promtool.sh)
+
 log "cargo-nextest"
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest >&2
@@ -69,7 +72,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "tests"
 export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_REDIS_URL="$redis_url" MEMU_TEST_MODEL_DIR="$model_dir" MEMU_TEST_KUBECONFIG="$kubeconfig"
 export MEMU_TEST_HELM="$helm_tools/helm" MEMU_TEST_KUBECONFORM="$helm_tools/kubeconform"
-export MEMU_TEST_LUA="$lua" MEMU_TEST_KSTATUS="$kstatus"
+export MEMU_TEST_LUA="$lua" MEMU_TEST_KSTATUS="$kstatus" MEMU_TEST_PROMTOOL="$promtool"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
 log "done in $(( $(date +%s) - started ))s"
