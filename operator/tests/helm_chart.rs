@@ -247,6 +247,48 @@ fn the_chart_follows_the_workspace_and_carries_the_generated_crd_and_role() {
         "memu-operator@sha256:0000000000000000000000000000000000000000000000000000000000000000"
     ));
 
+    // Runbook links absolute where the docs are served; every alert links its own section.
+    let docs = template(
+        &helm,
+        &[
+            "--set",
+            "prometheusRule.enabled=true",
+            "--set",
+            "prometheusRule.runbookBaseUrl=https://docs.example.org/memu/",
+        ],
+    );
+    let runbooks = std::fs::read_to_string(repo("docs/observability.md")).unwrap();
+    let mut links = 0;
+    for group in find(&docs, "PrometheusRule")["spec"]["groups"]
+        .as_array()
+        .unwrap()
+    {
+        for rule in group["rules"].as_array().unwrap() {
+            let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+            let anchor = url
+                .strip_prefix("https://docs.example.org/memu/observability.md#")
+                .unwrap_or_else(|| panic!("{url}"));
+            assert_eq!(anchor, rule["alert"].as_str().unwrap().to_lowercase());
+            assert!(
+                runbooks.contains(&format!("### {}\n", rule["alert"].as_str().unwrap())),
+                "docs/observability.md has no section for {anchor}"
+            );
+            links += 1;
+        }
+    }
+    assert_eq!(links, 16);
+    let refused = helm.output(&[
+        "template",
+        "memu",
+        chart().as_str(),
+        "--set",
+        "prometheusRule.runbookBaseUrl=docs.example.org",
+    ]);
+    assert!(
+        !refused.status.success(),
+        "a base URL without a scheme is refused"
+    );
+
     // One replica: no disruption budget that could never be satisfied.
     let docs = template(&helm, &["--set", "replicaCount=1"]);
     assert!(!docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"));
