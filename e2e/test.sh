@@ -34,6 +34,9 @@ kstatus=$(bash e2e/scripts/install-kstatus.sh)
 log "promtool (alert rules and dashboard queries; Debian's prometheus package, unpacked)"
 promtool=$(bash e2e/scripts/install-promtool.sh)
 
+log "Argo CD and Flux CRDs (from their Go modules; cached)"
+gitops_crds=$(bash e2e/scripts/install-gitops-crds.sh)
+
 log "cargo-nextest"
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest >&2
@@ -73,6 +76,7 @@ log "tests"
 export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_REDIS_URL="$redis_url" MEMU_TEST_MODEL_DIR="$model_dir" MEMU_TEST_KUBECONFIG="$kubeconfig"
 export MEMU_TEST_HELM="$helm_tools/helm" MEMU_TEST_KUBECONFORM="$helm_tools/kubeconform"
 export MEMU_TEST_LUA="$lua" MEMU_TEST_KSTATUS="$kstatus" MEMU_TEST_PROMTOOL="$promtool"
+export MEMU_TEST_GITOPS_CRDS="$gitops_crds"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
 log "done in $(( $(date +%s) - started ))s"

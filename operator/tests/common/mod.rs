@@ -36,8 +36,15 @@ pub fn repo(path: &str) -> String {
     format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Applies the CRDs of a YAML file (a repository path, or an absolute one) and waits until the
+/// API server serves them.
 pub async fn apply_yaml_file(client: &Client, path: &str) {
-    let text = std::fs::read_to_string(repo(path)).unwrap();
+    let file = if Path::new(path).is_absolute() {
+        path.to_string()
+    } else {
+        repo(path)
+    };
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for doc in text.split("\n---") {
         if doc.trim().is_empty() {
