@@ -67,29 +67,14 @@ fn the_rendered_redis_requires_the_generated_password() {
         .and_then(|rest| rest.split_once('@'))
         .map(|(pw, _)| pw.to_string())
         .unwrap();
-    let authed = redis_cli(port, &["-a", &from_url, "--no-auth-warning", "ping"]);
-    let maxmemory = redis_cli(
-        port,
-        &[
-            "-a",
-            &from_url,
-            "--no-auth-warning",
-            "config",
-            "get",
-            "maxmemory",
-        ],
-    );
-    let policy = redis_cli(
-        port,
-        &[
-            "-a",
-            &from_url,
-            "--no-auth-warning",
-            "config",
-            "get",
-            "maxmemory-policy",
-        ],
-    );
+    let with_password = |command: &[&str]| {
+        let mut args = vec!["-a", from_url.as_str(), "--no-auth-warning"];
+        args.extend_from_slice(command);
+        redis_cli(port, &args)
+    };
+    let authed = with_password(&["ping"]);
+    let maxmemory = with_password(&["config", "get", "maxmemory"]);
+    let policy = with_password(&["config", "get", "maxmemory-policy"]);
     server.kill().ok();
     server.wait().ok();
     assert!(

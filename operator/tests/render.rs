@@ -50,6 +50,15 @@ fn config_of(d: &render::Desired) -> WorkerConfig {
     config
 }
 
+/// The Secret key a variable is read from; a secret value never stands in the spec.
+fn from_secret(var: &EnvVar) -> &k8s_openapi::api::core::v1::SecretKeySelector {
+    assert!(var.value.is_none(), "{} never in clear", var.name);
+    var.value_from
+        .as_ref()
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .unwrap_or_else(|| panic!("{} is not read from a Secret", var.name))
+}
+
 fn env_of(d: &render::Desired) -> Vec<EnvVar> {
     let pod = d
         .deployments
@@ -479,30 +488,20 @@ fn a_redis_secret_reaches_every_worker_as_redis_url() {
         "an external Redis runs nothing"
     );
     for (d, want) in [(&managed, "memu-large-redis"), (&external, "memu-redis")] {
-        for deployment in &d.deployments {
-            let env = deployment
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .spec
-                .as_ref()
-                .unwrap()
-                .containers[0]
+        let mut workers = 0;
+        for (object, template) in templates(d)
+            .into_iter()
+            .filter(|(o, _)| o.ends_with("-api") || o.ends_with("-pipeline"))
+        {
+            let env = template.spec.as_ref().unwrap().containers[0]
                 .env
                 .clone()
-                .unwrap();
-            let redis = env.iter().find(|e| e.name == "REDIS_URL").unwrap();
-            assert!(redis.value.is_none(), "never in clear");
-            let secret = redis
-                .value_from
-                .as_ref()
-                .unwrap()
-                .secret_key_ref
-                .as_ref()
-                .unwrap();
+                .unwrap_or_else(|| panic!("{object} has no environment"));
+            let secret = from_secret(env.iter().find(|e| e.name == "REDIS_URL").unwrap());
             assert_eq!((secret.name.as_str(), secret.key.as_str()), (want, "url"));
+            workers += 1;
         }
+        assert_eq!(workers, 2, "api and pipeline");
     }
     large.spec.cache = None;
     assert!(
@@ -664,14 +663,7 @@ fn every_worker_container_reads_the_admin_key_and_the_migrations_job_does_not() 
                     continue;
                 }
                 assert_eq!(keys.len(), 1, "{object}: {env:?}");
-                assert!(keys[0].value.is_none(), "never in clear");
-                let r = keys[0]
-                    .value_from
-                    .as_ref()
-                    .unwrap()
-                    .secret_key_ref
-                    .as_ref()
-                    .unwrap();
+                let r = from_secret(keys[0]);
                 assert_eq!(
                     (r.name.as_str(), r.key.as_str(), r.optional),
                     (format!("{n}-admin-key").as_str(), "api-key", None)
