@@ -79,4 +79,9 @@ export MEMU_TEST_LUA="$lua" MEMU_TEST_KSTATUS="$kstatus" MEMU_TEST_PROMTOOL="$pr
 export MEMU_TEST_GITOPS_CRDS="$gitops_crds"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
+if [ $# -eq 0 ]; then
+  log "benchmarks, smoke size (keeps them compiling and working; figures from the dev profile mean nothing)"
+  cargo bench --profile dev --locked -p memu-worker --bench retrieve -- --smoke
+fi
+
 log "done in $(( $(date +%s) - started ))s"

@@ -9,13 +9,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use memu_crds::worker::{DatabaseBackend, ProviderPreset, ProviderProfile, WorkerConfig};
+use memu_crds::worker::{ProviderPreset, ProviderProfile, WorkerConfig};
 use memu_e2e::openai_stub::{Endpoint, OpenAiStub, StubOptions};
 use memu_worker::model::{Message, Scope, TaskStatus, UserRef};
 use memu_worker::service::{MemorizeInput, MemoryService};
 use memu_worker::tenancy::DEFAULT_TENANT;
 use serde_json::json;
-use sqlx::Connection;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::database;
 
 const LATENCY: Duration = Duration::from_millis(50);
 const DIM: usize = 64;
@@ -31,30 +34,6 @@ fn conversation(i: usize) -> Vec<Message> {
             created_at: None,
         })
         .collect()
-}
-
-async fn database(config: &mut WorkerConfig, dir: &std::path::Path, label: &str) -> &'static str {
-    match std::env::var("MEMU_TEST_DATABASE_URL") {
-        Ok(admin) => {
-            let name = format!("memu_bench_{label}_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            let (base, _) = admin.rsplit_once('/').unwrap();
-            let var = format!("MEMU_BENCH_DSN_{label}");
-            // SAFETY: set before the service reads it, one name per run, single-threaded here.
-            unsafe { std::env::set_var(&var, format!("{base}/{name}")) };
-            config.database.backend = DatabaseBackend::Postgres;
-            config.database.url_env = var;
-            "postgres"
-        }
-        Err(_) => {
-            config.database.sqlite_path = dir.join(format!("{label}.db"));
-            "sqlite"
-        }
-    }
 }
 
 struct Row {
