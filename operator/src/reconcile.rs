@@ -672,9 +672,17 @@ async fn observe(
     let mut status = cluster.status.clone().unwrap_or_default();
     let mut all_ready = true;
     let mut degraded = Vec::new();
+    // The SQLite tier's single worker (other StatefulSets are Citus nodes or the cache).
     if let Some(sts) = d
         .stateful_sets
-        .first()
+        .iter()
+        .find(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(render::COMPONENT_LABEL))
+                .is_some_and(|c| c == "worker")
+        })
         .filter(|_| cluster.spec.topology() == Topology::Sqlite)
     {
         let live = Api::<StatefulSet>::namespaced(client.clone(), ns)

@@ -90,10 +90,11 @@ async fn argocd_and_flux_manifests_pass_their_real_crds() {
     assert!(installed >= 6, "{installed} CRDs in {dir}");
     let objects = gitops_objects();
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    for ns in objects
+    let wanted: std::collections::BTreeSet<&str> = objects
         .iter()
         .filter_map(|(_, o)| o["metadata"]["namespace"].as_str())
-    {
+        .collect();
+    for ns in wanted {
         match namespaces
             .create(
                 &PostParams::default(),
