@@ -81,7 +81,8 @@ cargo nextest run --workspace --locked --no-fail-fast "$@"
 
 if [ $# -eq 0 ]; then
   log "benchmarks, smoke size (keeps them compiling and working; figures from the dev profile mean nothing)"
-  cargo bench --profile dev --locked -p memu-worker --bench retrieve -- --smoke
+  cargo build --locked -p memu-bench -p memu-operator
+  RUST_LOG=error target/debug/memu-bench --smoke
 fi
 
 log "done in $(( $(date +%s) - started ))s"

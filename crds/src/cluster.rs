@@ -121,15 +121,7 @@ pub enum VectorBackend {
     Milvus,
 }
 
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Quantization {
-    #[default]
-    None,
-    Int8,
-}
+pub use crate::worker::Quantization;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -144,6 +136,8 @@ pub struct VectorSpec {
     pub hnsw_ef_construction: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hnsw_ef_search: Option<i32>,
+    /// `int8` quantizes the search index (embedded store: int8 codes in memory with exact
+    /// rescoring; pgvector: a `halfvec` HNSW index); the stored vectors stay exact.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<Quantization>,
     #[serde(skip_serializing_if = "Option::is_none")]

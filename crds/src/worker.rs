@@ -295,6 +295,16 @@ impl IterativeScan {
     }
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+/// How vectors are held in the search index: `none` (exact `f32`) or `int8` (int8 codes in the
+/// embedded store's memory; a `halfvec` HNSW index in pgvector). Stored vectors stay exact.
+pub enum Quantization {
+    #[default]
+    None,
+    Int8,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct VectorConfig {
@@ -307,6 +317,10 @@ pub struct VectorConfig {
     pub iterative_scan: IterativeScan,
     /// Upper bound of tuples an iterative scan visits (pgvector `hnsw.max_scan_tuples`).
     pub max_scan_tuples: u32,
+    /// `int8`: the embedded store keeps int8 codes in memory (a quarter of the bytes) and
+    /// rescores its best candidates exactly; pgvector, which has no int8 type, indexes
+    /// `halfvec` instead (half the index). Stored vectors stay exact either way.
+    pub quantization: Quantization,
 }
 
 impl Default for VectorConfig {
@@ -318,6 +332,7 @@ impl Default for VectorConfig {
             hnsw_ef_search: 100,
             iterative_scan: IterativeScan::RelaxedOrder,
             max_scan_tuples: 20_000,
+            quantization: Quantization::None,
         }
     }
 }

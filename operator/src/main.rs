@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::routing::get;
 use clap::Parser;
 use memu_operator::leader::LeaderElector;
-use memu_operator::metrics::OperatorMetrics;
+use memu_operator::metrics::{KubeRequestLabels, OperatorMetrics};
 use memu_operator::reconcile::{self, Context};
 
 /// memU operator: reconciles MemUClusters.
@@ -49,8 +49,20 @@ async fn main() -> anyhow::Result<()> {
     let identity = args
         .identity
         .unwrap_or_else(|| format!("memu-operator-{}", std::process::id()));
-    let client = kube::Client::try_default().await?;
     let metrics = Arc::new(OperatorMetrics::default());
+    // Every request to the API server is counted, so its cost per reconcile is visible.
+    let count_requests = tower::util::MapRequestLayer::new({
+        let requests = metrics.kube_requests.clone();
+        move |request: http::Request<kube::client::Body>| {
+            requests
+                .get_or_create(&KubeRequestLabels::of(&request))
+                .inc();
+            request
+        }
+    });
+    let client = kube::client::ClientBuilder::try_from(kube::Config::infer().await?)?
+        .with_layer(&count_requests)
+        .build();
 
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))

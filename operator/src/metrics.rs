@@ -14,6 +14,32 @@ use prometheus_client::registry::Registry;
 
 use memu_crds::cluster::{MemUCluster, MemUClusterStatus};
 
+/// One kind of request to the Kubernetes API.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeRequestLabels {
+    /// `watch`, `get` (reads and lists), `create`, `update`, `patch` or `delete`.
+    pub verb: &'static str,
+}
+
+impl KubeRequestLabels {
+    pub fn of<B>(request: &http::Request<B>) -> Self {
+        let watch = request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+        let verb = match *request.method() {
+            http::Method::GET if watch => "watch",
+            http::Method::GET => "get",
+            http::Method::POST => "create",
+            http::Method::PUT => "update",
+            http::Method::PATCH => "patch",
+            http::Method::DELETE => "delete",
+            _ => "other",
+        };
+        Self { verb }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     /// `ok` or `error`.
@@ -61,6 +87,8 @@ pub struct OperatorMetrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub duration: Histogram,
     pub errors: Counter,
+    /// Requests this process sent to the Kubernetes API (cost per reconcile, API load).
+    pub kube_requests: Family<KubeRequestLabels, Counter>,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
     cluster_ready: Family<ClusterLabels, Gauge>,
@@ -75,6 +103,7 @@ impl Default for OperatorMetrics {
         let reconciles = Family::<ResultLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let errors = Counter::default();
+        let kube_requests = Family::<KubeRequestLabels, Counter>::default();
         let leader = Gauge::default();
         let cluster_ready = Family::<ClusterLabels, Gauge>::default();
         let cluster_phase = Family::<PhaseLabels, Gauge>::default();
@@ -93,6 +122,11 @@ impl Default for OperatorMetrics {
             "memu_operator_reconcile_errors",
             "Reconciles that failed and were requeued",
             errors.clone(),
+        );
+        registry.register(
+            "memu_operator_kube_requests",
+            "Requests sent to the Kubernetes API by verb",
+            kube_requests.clone(),
         );
         registry.register(
             "memu_operator_leader",
@@ -119,6 +153,7 @@ impl Default for OperatorMetrics {
             reconciles,
             duration,
             errors,
+            kube_requests,
             leader,
             cluster_ready,
             cluster_phase,
@@ -254,5 +289,48 @@ impl OperatorMetrics {
         let registry = self.registry.lock().expect("registry lock");
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("write to String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verb(method: http::Method, uri: &str) -> &'static str {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap();
+        KubeRequestLabels::of(&request).verb
+    }
+
+    #[test]
+    fn kube_requests_are_counted_by_verb() {
+        use http::Method;
+        let path = "/apis/apps/v1/namespaces/a/statefulsets";
+        assert_eq!(
+            verb(Method::GET, &format!("{path}?watch=true&resourceVersion=1")),
+            "watch"
+        );
+        assert_eq!(verb(Method::GET, &format!("{path}?labelSelector=x")), "get");
+        assert_eq!(verb(Method::GET, &format!("{path}/s")), "get");
+        assert_eq!(
+            verb(Method::PATCH, &format!("{path}/s?fieldManager=m")),
+            "patch"
+        );
+        assert_eq!(verb(Method::POST, path), "create");
+        assert_eq!(verb(Method::PUT, &format!("{path}/s")), "update");
+        assert_eq!(verb(Method::DELETE, &format!("{path}/s")), "delete");
+        let metrics = OperatorMetrics::default();
+        metrics
+            .kube_requests
+            .get_or_create(&KubeRequestLabels { verb: "patch" })
+            .inc();
+        assert!(
+            metrics
+                .encode()
+                .contains("memu_operator_kube_requests_total{verb=\"patch\"} 1")
+        );
     }
 }

@@ -1,10 +1,10 @@
 //! The reconciler: observe → render (pure) → server-side apply → orphan cleanup → status.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -19,10 +19,10 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
     PatchParams, PostParams,
 };
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -39,6 +39,12 @@ use crate::render::{self, CLUSTER_LABEL, Capabilities, Desired, MANAGER, SpecErr
 
 const FINALIZER: &str = "memu.dev/cleanup";
 const PERIODIC: Duration = Duration::from_secs(300);
+const NOT_READY_POLL: Duration = Duration::from_secs(60);
+const UNWATCHED_POLL: Duration = Duration::from_secs(10);
+/// Reconciles at once: beyond this, more in flight only queue at the API server and hold memory.
+const CONCURRENT_RECONCILES: u16 = 8;
+/// A burst of child events (a StatefulSet's status moving through its rollout) is one reconcile.
+const DEBOUNCE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,10 +54,21 @@ pub enum Error {
     Finalizer(String),
 }
 
+/// How long discovered capabilities are trusted: a CRD installed or removed is noticed within
+/// this time, without three API reads per reconcile.
+const CAPABILITIES_TTL: Duration = Duration::from_secs(10);
+
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<OperatorMetrics>,
+    /// Capabilities and when they were discovered; one refresh at a time.
+    capabilities: tokio::sync::Mutex<Option<(Instant, Capabilities)>>,
+    /// Per MemUCluster (by uid: one recreated under the same name starts afresh), the generation
+    /// and capabilities its orphans were last swept for. The children it wants change only with
+    /// those, so the sweep's lists run only then (and once per cluster after a restart, which
+    /// covers an upgraded operator).
+    swept: std::sync::Mutex<HashMap<String, (Option<i64>, Capabilities)>>,
 }
 
 impl Context {
@@ -64,7 +81,37 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            capabilities: tokio::sync::Mutex::new(None),
+            swept: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The cluster's capabilities, discovered again once `CAPABILITIES_TTL` has passed.
+    async fn capabilities(&self) -> Result<Capabilities, Error> {
+        let mut cached = self.capabilities.lock().await;
+        if let Some((at, caps)) = *cached
+            && at.elapsed() < CAPABILITIES_TTL
+        {
+            return Ok(caps);
+        }
+        let caps = discover_capabilities(&self.client).await?;
+        *cached = Some((Instant::now(), caps));
+        Ok(caps)
+    }
+
+    fn needs_sweep(&self, uid: &str, generation: Option<i64>, caps: Capabilities) -> bool {
+        self.swept.lock().expect("sweep memo lock").get(uid) != Some(&(generation, caps))
+    }
+
+    fn record_sweep(&self, uid: String, generation: Option<i64>, caps: Capabilities) {
+        self.swept
+            .lock()
+            .expect("sweep memo lock")
+            .insert(uid, (generation, caps));
+    }
+
+    fn forget_sweep(&self, uid: &str) {
+        self.swept.lock().expect("sweep memo lock").remove(uid);
     }
 }
 
@@ -83,27 +130,40 @@ where
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>) {
     let client = ctx.client.clone();
     let owned = watcher::Config::default().labels(CLUSTER_LABEL);
-    Controller::new(
+    // The cache of MemUClusters keeps no managedFields: the reconciler never reads them, and
+    // at thousands of clusters they would be most of the operator's memory.
+    let (reader, writer) = reflector::store();
+    let clusters = watcher::watcher(
         scoped::<MemUCluster>(&client, namespace),
         watcher::Config::default(),
     )
-    .owns(scoped::<Deployment>(&client, namespace), owned.clone())
-    .owns(scoped::<StatefulSet>(&client, namespace), owned.clone())
-    .owns(scoped::<Service>(&client, namespace), owned.clone())
-    .owns(scoped::<ConfigMap>(&client, namespace), owned.clone())
-    .owns(
-        scoped::<HorizontalPodAutoscaler>(&client, namespace),
-        owned.clone(),
-    )
-    .owns(scoped::<Job>(&client, namespace), owned)
-    .shutdown_on_signal()
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "reconcile stream item");
-        }
-    })
-    .await;
+    .default_backoff()
+    .modify(|cluster: &mut MemUCluster| cluster.managed_fields_mut().clear())
+    .reflect(writer)
+    .applied_objects();
+    Controller::for_stream(clusters, reader)
+        .owns(scoped::<Deployment>(&client, namespace), owned.clone())
+        .owns(scoped::<StatefulSet>(&client, namespace), owned.clone())
+        .owns(scoped::<Service>(&client, namespace), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, namespace), owned.clone())
+        .owns(
+            scoped::<HorizontalPodAutoscaler>(&client, namespace),
+            owned.clone(),
+        )
+        .owns(scoped::<Job>(&client, namespace), owned)
+        .with_config(
+            controller::Config::default()
+                .concurrency(CONCURRENT_RECONCILES)
+                .debounce(DEBOUNCE),
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile stream item");
+            }
+        })
+        .await;
 }
 
 fn error_policy(cluster: Arc<MemUCluster>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -134,7 +194,7 @@ pub async fn reconcile(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<A
     result
 }
 
-async fn capabilities(client: &Client) -> Result<Capabilities, Error> {
+async fn discover_capabilities(client: &Client) -> Result<Capabilities, Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     Ok(Capabilities {
         cnpg: crds.get_opt("clusters.postgresql.cnpg.io").await?.is_some(),
@@ -166,7 +226,7 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
         ctx.metrics.record_cluster(&cluster, &status);
         return Ok(Action::requeue(PERIODIC));
     }
-    let caps = capabilities(client).await?;
+    let caps = ctx.capabilities().await?;
     let mut desired = match render::desired(&cluster, caps) {
         Ok(d) => d,
         Err(SpecError { reason, message }) => {
@@ -229,7 +289,14 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
         .await?;
     }
     let changed = apply_all(client, &ns, &desired).await?;
-    let removed = remove_orphans(client, &ns, &name, &desired, caps).await?;
+    let uid = cluster.uid().unwrap_or_default();
+    let removed = if ctx.needs_sweep(&uid, generation, caps) {
+        let removed = remove_orphans(client, &ns, &name, &desired, caps).await?;
+        ctx.record_sweep(uid, generation, caps);
+        removed
+    } else {
+        0
+    };
     if changed + removed > 0 {
         publish(
             &ctx,
@@ -246,8 +313,14 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
     let ready = status.phase.as_deref() == Some("Ready");
     Ok(Action::requeue(if ready {
         PERIODIC
+    } else if render::uses_cnpg(&cluster) && caps.cnpg {
+        // The CloudNativePG Cluster is not watched: poll it while it comes up.
+        UNWATCHED_POLL
     } else {
-        Duration::from_secs(10)
+        // Every other child is watched and triggers a reconcile when it changes; this poll
+        // only covers a lost event. (Polling thousands of unready clusters every few seconds
+        // would load the API server more than all the watches do.)
+        NOT_READY_POLL
     }))
 }
 
@@ -478,56 +551,76 @@ where
     Ok(before != after.meta().resource_version)
 }
 
+/// Server-side applies a dynamic object (CloudNativePG Cluster, ServiceMonitor, KEDA objects);
+/// true when the server's copy changed.
+async fn ssa_dynamic(
+    client: &Client,
+    ns: &str,
+    resource: &ApiResource,
+    object: &kube::api::DynamicObject,
+) -> Result<bool, Error> {
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let before = api
+        .get_opt(&name)
+        .await?
+        .and_then(|x| x.metadata.resource_version);
+    let after = api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await?;
+    Ok(before != after.metadata.resource_version)
+}
+
+/// Applies every child, in three steps so that what the pods read exists before they start:
+/// identity, configuration and services; then migration Jobs; then the workloads and what
+/// scales and guards them. Within a step the objects are applied concurrently (a reconcile's
+/// latency is its API round trips).
 async fn apply_all(client: &Client, ns: &str, d: &Desired) -> Result<usize, Error> {
-    let mut changed = 0;
-    if let Some(sa) = &d.service_account {
-        changed += ssa(client, ns, sa).await? as usize;
+    type Applying<'a> = futures::future::BoxFuture<'a, Result<bool, Error>>;
+    async fn step(applying: Vec<Applying<'_>>) -> Result<usize, Error> {
+        let changed = futures::future::try_join_all(applying).await?;
+        Ok(changed.into_iter().filter(|c| *c).count())
     }
-    if let Some(cm) = &d.config_map {
-        changed += ssa(client, ns, cm).await? as usize;
-    }
-    for o in &d.services {
-        changed += ssa(client, ns, o).await? as usize;
-    }
-    for o in &d.jobs {
-        // Jobs are immutable once created: apply only when absent.
-        let api: Api<Job> = Api::namespaced(client.clone(), ns);
-        if api
-            .get_opt(o.meta().name.as_deref().unwrap_or_default())
-            .await?
-            .is_none()
-        {
-            changed += ssa(client, ns, o).await? as usize;
-        }
-    }
-    for o in &d.stateful_sets {
-        changed += ssa(client, ns, o).await? as usize;
-    }
-    for o in &d.deployments {
-        changed += ssa(client, ns, o).await? as usize;
-    }
-    for o in &d.hpas {
-        changed += ssa(client, ns, o).await? as usize;
-    }
-    for o in &d.pdbs {
-        changed += ssa(client, ns, o).await? as usize;
-    }
-    for (ar, o) in &d.dynamic {
-        let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, ar);
-        let name = o.metadata.name.clone().unwrap_or_default();
-        let before = api
-            .get_opt(&name)
-            .await?
-            .and_then(|x| x.metadata.resource_version);
-        let after = api
-            .patch(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(o),
-            )
-            .await?;
-        changed += (before != after.metadata.resource_version) as usize;
-    }
+    let mut first: Vec<Applying> = Vec::new();
+    first.extend(d.service_account.iter().map(|o| ssa(client, ns, o).boxed()));
+    first.extend(d.config_map.iter().map(|o| ssa(client, ns, o).boxed()));
+    first.extend(d.services.iter().map(|o| ssa(client, ns, o).boxed()));
+    let mut changed = step(first).await?;
+
+    // Jobs are immutable once created: apply only when absent.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), ns);
+    let jobs = &jobs;
+    let applying: Vec<Applying> = d
+        .jobs
+        .iter()
+        .map(|o| {
+            async move {
+                let name = o.meta().name.as_deref().unwrap_or_default();
+                if jobs.get_metadata_opt(name).await?.is_some() {
+                    return Ok(false);
+                }
+                ssa(client, ns, o).await
+            }
+            .boxed()
+        })
+        .collect();
+    changed += step(applying).await?;
+
+    let mut last: Vec<Applying> = Vec::new();
+    last.extend(d.stateful_sets.iter().map(|o| ssa(client, ns, o).boxed()));
+    last.extend(d.deployments.iter().map(|o| ssa(client, ns, o).boxed()));
+    last.extend(d.hpas.iter().map(|o| ssa(client, ns, o).boxed()));
+    last.extend(d.pdbs.iter().map(|o| ssa(client, ns, o).boxed()));
+    last.extend(
+        d.dynamic
+            .iter()
+            .map(|(resource, o)| ssa_dynamic(client, ns, resource, o).boxed()),
+    );
+    changed += step(last).await?;
     Ok(changed)
 }
 
@@ -617,13 +710,14 @@ async fn cleanup(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action,
     let ns = cluster.namespace().unwrap_or_else(|| "default".into());
     let name = cluster.name_any();
     ctx.metrics.forget_cluster(&ns, &name);
+    ctx.forget_sweep(&cluster.uid().unwrap_or_default());
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     pvcs.delete_collection(
         &DeleteParams::background(),
         &ListParams::default().labels(&format!("{CLUSTER_LABEL}={name}")),
     )
     .await?;
-    if capabilities(&ctx.client).await?.cnpg {
+    if ctx.capabilities().await?.cnpg {
         let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
             "postgresql.cnpg.io",
             "v1",

@@ -276,6 +276,9 @@ pub fn worker_config(cluster: &MemUCluster) -> Result<WorkerConfig, SpecError> {
     if let Some(ef) = vector.hnsw_ef_search {
         config.vector.hnsw_ef_search = ef as u32;
     }
+    if let Some(quantization) = vector.quantization {
+        config.vector.quantization = quantization;
+    }
     let roles = [
         ("embedding", embedding),
         ("extraction", spec.llm.extraction.as_ref()),

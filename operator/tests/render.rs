@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use memu_crds::cluster::MemUCluster;
-use memu_crds::worker::{DatabaseBackend, WorkerConfig};
+use memu_crds::worker::{DatabaseBackend, Quantization, WorkerConfig};
 use memu_operator::admin_key;
 use memu_operator::render::{self, CONFIG_HASH, Capabilities, desired};
 
@@ -252,6 +252,22 @@ fn spec_changes_roll_pods_through_the_config_hash() {
     let mut scaled = sample("medium");
     scaled.spec.api.autoscaling.as_mut().unwrap().max_replicas = 20;
     assert_eq!(before, hash(&scaled));
+}
+
+#[test]
+fn vector_settings_reach_the_worker_config() {
+    let mut cluster = sample("medium");
+    assert_eq!(
+        config_of(&desired(&cluster, ALL).unwrap())
+            .vector
+            .quantization,
+        Quantization::None
+    );
+    cluster.spec.vector.quantization = Some(Quantization::Int8);
+    cluster.spec.vector.hnsw_ef_search = Some(64);
+    let config = config_of(&desired(&cluster, ALL).unwrap());
+    assert_eq!(config.vector.quantization, Quantization::Int8);
+    assert_eq!(config.vector.hnsw_ef_search, 64);
 }
 
 #[test]

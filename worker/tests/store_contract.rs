@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use memu_crds::worker::{CategorySpec, WorkerConfig};
+use memu_crds::worker::{CategorySpec, Quantization, WorkerConfig};
 use memu_worker::model::{
     CategoryLink, CategoryUpdate, ItemFilter, ItemPatch, MemorizeOutcome, MemoryItem, MemoryType,
     Modality, NewItem, Resource, Scope, Task, TaskStatus, normalize,
@@ -133,7 +133,112 @@ contract!(
     categories_are_private_per_user,
     embedding_space_is_checked,
     identical_items_are_found,
+    int8_quantized_search_matches_exact,
 );
+
+/// With `quantization: int8` (SQLite: int8 codes in memory, rescored; pgvector: a halfvec HNSW
+/// index) a search finds the exact top 10 and reports exact cosines, filters still apply, and
+/// a row's update and deletion reach the quantized index.
+async fn int8_quantized_search_matches_exact(pg: bool) {
+    let mut config = WorkerConfig::default();
+    config.vector.dimension = DIM;
+    config.vector.quantization = Quantization::Int8;
+    let (config, _db) = common::with_backend(config, pg).await;
+    let store = store::open(&config, space()).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut state = 99u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % 10_000) as f32 / 10_000.0 - 0.5
+    };
+    let mut random_unit = || {
+        let mut v: Vec<f32> = (0..DIM).map(|_| next()).collect();
+        normalize(&mut v);
+        v
+    };
+    let mut rows = Vec::new();
+    for n in 0..300 {
+        let memory_type = if n % 3 == 0 {
+            MemoryType::Profile
+        } else {
+            MemoryType::Event
+        };
+        let i = item("q", "", memory_type, &format!("row {n}"), at(1));
+        let embedding = random_unit();
+        store
+            .insert_item(&NewItem {
+                item: i.clone(),
+                embedding: embedding.clone(),
+            })
+            .await
+            .unwrap();
+        rows.push((i, embedding));
+    }
+    let exact_top = |rows: &[(MemoryItem, Vec<f32>)], q: &[f32], only: Option<MemoryType>| {
+        let mut scored: Vec<(f32, Uuid)> = rows
+            .iter()
+            .filter(|(i, _)| only.is_none_or(|t| i.memory_type == t))
+            .map(|(i, v)| (memu_worker::model::dot(v, q), i.id))
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        scored.truncate(10);
+        scored
+    };
+    let mut found = 0;
+    for _ in 0..20 {
+        let q = random_unit();
+        let truth = exact_top(&rows, &q, None);
+        let got = store
+            .search_items(u("q"), &q, &ItemFilter::default(), 10)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 10);
+        for hit in &got {
+            let (_, v) = rows.iter().find(|(i, _)| i.id == hit.item.id).unwrap();
+            let cosine = memu_worker::model::dot(v, &q);
+            assert!(
+                (hit.score - cosine).abs() < 1e-4,
+                "score {} is not the exact cosine {cosine}",
+                hit.score
+            );
+        }
+        found += got
+            .iter()
+            .filter(|h| truth.iter().any(|(_, id)| *id == h.item.id))
+            .count();
+        let profiles = ItemFilter {
+            memory_types: vec![MemoryType::Profile],
+            ..Default::default()
+        };
+        let got = store.search_items(u("q"), &q, &profiles, 10).await.unwrap();
+        assert!(
+            got.iter()
+                .all(|h| h.item.memory_type == MemoryType::Profile)
+        );
+    }
+    let recall = found as f64 / 200.0;
+    assert!(recall >= 0.95, "recall@10 {recall}");
+
+    // The best match of a query equal to a row's vector is that row, until it is deleted.
+    let (target, v) = rows[17].clone();
+    assert_eq!(
+        store
+            .search_items(u("q"), &v, &ItemFilter::default(), 1)
+            .await
+            .unwrap()[0]
+            .item
+            .id,
+        target.id
+    );
+    assert!(store.delete_item(u("q"), target.id).await.unwrap());
+    let after = store
+        .search_items(u("q"), &v, &ItemFilter::default(), 10)
+        .await
+        .unwrap();
+    assert!(after.iter().all(|h| h.item.id != target.id));
+}
 
 async fn memorize_job_round_trip(pg: bool) {
     let (store, _config, _db) = open(pg).await;
@@ -892,10 +997,26 @@ async fn unmigrated_store_is_not_ready() {
 /// among many users' rows matches exact search.
 #[tokio::test]
 async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
+    postgres_hnsw_recall(Quantization::None).await;
+}
+
+/// The same with `quantization: int8`, which pgvector serves from a `halfvec` index; switching
+/// back rebuilds the exact index and drops the halfvec one.
+#[tokio::test]
+async fn postgres_halfvec_hnsw_is_used_and_keeps_recall() {
+    postgres_hnsw_recall(Quantization::Int8).await;
+}
+
+async fn postgres_hnsw_recall(quantization: Quantization) {
     use sqlx::Connection;
+    let (index, other) = match quantization {
+        Quantization::None => ("idx_memory_embedding", "idx_memory_embedding_halfvec"),
+        Quantization::Int8 => ("idx_memory_embedding_halfvec", "idx_memory_embedding"),
+    };
     let mut config = WorkerConfig::default();
     config.vector.dimension = DIM;
     config.vector.hnsw_ef_construction = 64;
+    config.vector.quantization = quantization;
     let (config, backend) = common::with_backend(config, true).await;
     let common::Backend::Postgres(dsn) = backend else {
         unreachable!()
@@ -908,7 +1029,7 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
     let mut conn = sqlx::PgConnection::connect(&dsn).await.unwrap();
     // Bulk-load without the index, then let migrate() build it once (much faster than per row).
     for sql in [
-        "DROP INDEX idx_memory_embedding",
+        format!("DROP INDEX {index}").as_str(),
         "SELECT setseed(0.42)",
         "INSERT INTO users (tenant_id, user_id) SELECT 'default', 'user' || u FROM generate_series(0, 39) u",
         "INSERT INTO memory_items (tenant_id, user_id, id, memory_type, summary, embedding) \
@@ -917,7 +1038,10 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
          FROM generate_series(1, 40000) g",
         "ANALYZE memory_items",
     ] {
-        sqlx::query(sql).execute(&mut conn).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
     }
     pg.migrate().await.unwrap();
     sqlx::query("ANALYZE memory_items")
@@ -934,7 +1058,7 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
 
     let plan = pg.explain_search(u("user7"), &mine[0].1, 10).await.unwrap();
     assert!(
-        plan.contains("idx_memory_embedding"),
+        plan.contains(&format!("Index Scan using {index} ")),
         "HNSW index not used:\n{plan}"
     );
 
@@ -965,8 +1089,30 @@ async fn postgres_hnsw_is_used_and_keeps_recall_for_one_user_among_many() {
         recall_sum += got.iter().filter(|h| truth.contains(&h.item.id)).count() as f64 / 10.0;
     }
     let recall = recall_sum / queries as f64;
-    println!("recall@10 of user7 among 40 users: {recall:.3}");
+    println!("recall@10 of user7 among 40 users ({quantization:?}): {recall:.3}");
     assert!(recall >= 0.9, "recall@10 {recall}");
+
+    // Changing the precision is a migration: the new index is built, the old one dropped.
+    let mut switched = config.clone();
+    switched.vector.quantization = match quantization {
+        Quantization::None => Quantization::Int8,
+        Quantization::Int8 => Quantization::None,
+    };
+    let pg = store::postgres::PgStore::open(&switched, space())
+        .await
+        .unwrap();
+    pg.migrate().await.unwrap();
+    let indexes: Vec<(String,)> =
+        sqlx::query_as("SELECT indexname::text FROM pg_indexes WHERE tablename = 'memory_items' AND indexname LIKE 'idx_memory_embedding%'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(indexes, vec![(other.to_string(),)]);
+    let plan = pg.explain_search(u("user7"), &mine[0].1, 10).await.unwrap();
+    assert!(
+        plan.contains(&format!("Index Scan using {other} ")),
+        "{plan}"
+    );
 }
 
 /// With a read DSN configured, searches and listings go through a second pool (here pointed at

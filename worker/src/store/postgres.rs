@@ -8,11 +8,15 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use pgvector::Vector;
+
+/// The HNSW index over exact vectors, and the one over their `halfvec` (quantization int8).
+const INDEX_F32: &str = "idx_memory_embedding";
+const INDEX_HALFVEC: &str = "idx_memory_embedding_halfvec";
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use memu_crds::worker::{CategorySpec, VectorConfig, WorkerConfig};
+use memu_crds::worker::{CategorySpec, Quantization, VectorConfig, WorkerConfig};
 
 use super::{
     AccessStore, EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport,
@@ -382,16 +386,35 @@ impl PgStore {
                     .await?;
             }
         }
-        // HNSW indexes up to 2000 dimensions for `vector`.
-        if dim <= 2000 {
+        // One HNSW index, of the configured precision; the other is dropped once this exists.
+        let (index, other, operand, max_dimension) = match self.vector.quantization {
+            // HNSW indexes up to 2,000 dimensions of `vector`.
+            Quantization::None => (
+                INDEX_F32,
+                INDEX_HALFVEC,
+                "embedding vector_cosine_ops".to_string(),
+                2000,
+            ),
+            // ... and up to 4,000 of `halfvec`, at half the size.
+            Quantization::Int8 => (
+                INDEX_HALFVEC,
+                INDEX_F32,
+                format!("(embedding::halfvec({dim})) halfvec_cosine_ops"),
+                4000,
+            ),
+        };
+        if dim <= max_dimension {
             sqlx::query(AssertSqlSafe(format!(
-                "CREATE INDEX IF NOT EXISTS idx_memory_embedding ON memory_items \
-                 USING hnsw (embedding vector_cosine_ops) WITH (m = {}, ef_construction = {})",
+                "CREATE INDEX IF NOT EXISTS {index} ON memory_items \
+                 USING hnsw ({operand}) WITH (m = {}, ef_construction = {})",
                 self.vector.hnsw_m, self.vector.hnsw_ef_construction
             )))
             .execute(&mut *tx)
             .await?;
         }
+        sqlx::query(AssertSqlSafe(format!("DROP INDEX IF EXISTS {other}")))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -504,21 +527,37 @@ impl PgStore {
     ) -> Result<String, StoreError> {
         let mut tx = Self::tenant_tx(self.reader(), user.tenant_id).await?;
         self.set_search_params(&mut tx).await?;
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "EXPLAIN SELECT id FROM memory_items WHERE tenant_id = $1 AND user_id = $2 \
-             ORDER BY embedding <=> $3 LIMIT $4",
-        )
-        .bind(user.tenant_id)
-        .bind(user.user_id)
-        .bind(Vector::from(query.to_vec()))
-        .bind(k as i64)
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut qb =
+            QueryBuilder::<Postgres>::new("EXPLAIN SELECT id FROM memory_items WHERE tenant_id = ");
+        qb.push_bind(user.tenant_id.to_string())
+            .push(" AND user_id = ")
+            .push_bind(user.user_id.to_string())
+            .push(" ORDER BY ");
+        self.push_index_distance(&mut qb, query);
+        qb.push(" LIMIT ").push_bind(k as i64);
+        let rows: Vec<(String,)> = qb.build_query_as().fetch_all(&mut *tx).await?;
         Ok(rows
             .into_iter()
             .map(|(l,)| l)
             .collect::<Vec<_>>()
             .join("\n"))
+    }
+
+    /// The distance the HNSW index orders by: exact `vector`, or `halfvec` when quantized (the
+    /// expression must match the index's for the planner to use it).
+    fn push_index_distance(&self, qb: &mut QueryBuilder<Postgres>, query: &[f32]) {
+        match self.vector.quantization {
+            Quantization::None => {
+                qb.push("embedding <=> ")
+                    .push_bind(Vector::from(query.to_vec()));
+            }
+            Quantization::Int8 => {
+                let dim = self.space.dimension;
+                qb.push(format!("embedding::halfvec({dim}) <=> "))
+                    .push_bind(Vector::from(query.to_vec()))
+                    .push(format!("::halfvec({dim})"));
+            }
+        }
     }
 
     async fn set_search_params(&self, tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
@@ -982,7 +1021,9 @@ impl MemoryStore for PgStore {
             .push(" AND user_id = ")
             .push_bind(user.user_id.to_string());
         Self::push_filter(&mut qb, filter);
-        qb.push(" ORDER BY distance LIMIT ")
+        qb.push(" ORDER BY ");
+        self.push_index_distance(&mut qb, query);
+        qb.push(" LIMIT ")
             .push_bind(k as i64)
             .push(") SELECT * FROM hits ORDER BY distance, id");
         let rows = qb.build().fetch_all(&mut *tx).await?;

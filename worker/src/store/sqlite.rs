@@ -12,9 +12,9 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use memu_crds::worker::{CategorySpec, WorkerConfig};
+use memu_crds::worker::{CategorySpec, Quantization, WorkerConfig};
 
-use super::vector_index::{RowMeta, UserIndexes};
+use super::vector_index::{RowEncoding, RowMeta, UserIndexes, dot_unrolled};
 use super::{
     AccessStore, EmbeddingSpace, MemoryStore, PoolStats, QueueStats, StoreError, UserExport,
     check_space, cost_row_from, decode_cursor, duplicate_or, encode_cursor, erase_statements,
@@ -157,6 +157,9 @@ fn row_meta(item: &MemoryItem) -> RowMeta {
     }
 }
 
+/// Candidates an int8 search hands to exact rescoring per result asked for.
+const RESCORED_CANDIDATES_PER_RESULT: usize = 4;
+
 const ITEM_COLUMNS: &str = "tenant_id, user_id, id, agent_id, resource_id, memory_type, summary, happened_at, \
                             created_at, updated_at, extra";
 
@@ -183,7 +186,14 @@ impl SqliteStore {
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
         Ok(Self {
             pool,
-            index: UserIndexes::new(space.dimension, CACHED_USERS),
+            index: UserIndexes::new(
+                space.dimension,
+                match config.vector.quantization {
+                    Quantization::None => RowEncoding::F32,
+                    Quantization::Int8 => RowEncoding::Int8,
+                },
+                CACHED_USERS,
+            ),
             space,
             max_connections: config.database.max_connections,
             retry_backoff: Duration::from_millis(config.pipeline.retry_backoff_ms),
@@ -773,12 +783,29 @@ impl MemoryStore for SqliteStore {
             )));
         }
         let entry = self.user_index(user).await?;
-        let hits = entry.read().await.search(query, filter, k);
+        let (hits, approximate) = {
+            let index = entry.read().await;
+            // Approximate scores pick candidates; the exact vectors decide among them.
+            let candidates = if index.is_approximate() {
+                k * RESCORED_CANDIDATES_PER_RESULT
+            } else {
+                k
+            };
+            (
+                index.search(query, filter, candidates),
+                index.is_approximate(),
+            )
+        };
         if hits.is_empty() {
             return Ok(Vec::new());
         }
+        let columns = if approximate {
+            format!("{ITEM_COLUMNS}, embedding")
+        } else {
+            ITEM_COLUMNS.to_string()
+        };
         let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {ITEM_COLUMNS} FROM memory_items WHERE tenant_id = "
+            "SELECT {columns} FROM memory_items WHERE tenant_id = "
         ));
         qb.push_bind(user.tenant_id)
             .push(" AND user_id = ")
@@ -790,14 +817,33 @@ impl MemoryStore for SqliteStore {
         }
         qb.push(")");
         let rows = qb.build().fetch_all(&self.pool).await?;
-        let mut items: std::collections::HashMap<Uuid, MemoryItem> = rows
+        let mut items: std::collections::HashMap<Uuid, (MemoryItem, Option<f32>)> = rows
             .iter()
-            .map(|r| item_from_row(r).map(|i| (i.id, i)))
-            .collect::<Result<_, _>>()?;
-        Ok(hits
+            .map(|r| {
+                let item = item_from_row(r)?;
+                let exact = if approximate {
+                    let embedding: Vec<u8> = r.try_get("embedding")?;
+                    Some(dot_unrolled(&decode_vector(&embedding), query))
+                } else {
+                    None
+                };
+                Ok((item.id, (item, exact)))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let mut scored: Vec<ScoredItem> = hits
             .into_iter()
-            .filter_map(|(id, score)| items.remove(&id).map(|item| ScoredItem { item, score }))
-            .collect())
+            .filter_map(|(id, score)| {
+                items.remove(&id).map(|(item, exact)| ScoredItem {
+                    item,
+                    score: exact.unwrap_or(score),
+                })
+            })
+            .collect();
+        if approximate {
+            scored.sort_by(|a, b| b.score.total_cmp(&a.score));
+            scored.truncate(k);
+        }
+        Ok(scored)
     }
 
     async fn search_text(
