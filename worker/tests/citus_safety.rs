@@ -37,6 +37,10 @@ const BUILDER_HEADS: &[(&str, &str)] = &[
         ".push(\" AND user_id = \")",
     ),
     (
+        "EXPLAIN SELECT id FROM memory_items WHERE tenant_id = ",
+        ".push(\" AND user_id = \")",
+    ),
+    (
         "SELECT {ITEM_COLUMNS} FROM memory_items WHERE tenant_id = ",
         ".push(\" AND user_id = \")",
     ),
