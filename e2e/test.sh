@@ -34,6 +34,9 @@ kstatus=$(bash e2e/scripts/install-kstatus.sh)
 log "promtool (alert rules and dashboard queries; Debian's prometheus package, unpacked)"
 promtool=$(bash e2e/scripts/install-promtool.sh)
 
+log "memU's Python SDK and the MCP Python SDK (PyPI, pinned; cached virtualenv)"
+python_clients=$(bash e2e/scripts/install-python-clients.sh)
+
 log "Argo CD and Flux CRDs (from their Go modules; cached)"
 gitops_crds=$(bash e2e/scripts/install-gitops-crds.sh)
 
@@ -76,7 +79,7 @@ log "tests"
 export MEMU_TEST_DATABASE_URL="$dsn" MEMU_TEST_REDIS_URL="$redis_url" MEMU_TEST_MODEL_DIR="$model_dir" MEMU_TEST_KUBECONFIG="$kubeconfig"
 export MEMU_TEST_HELM="$helm_tools/helm" MEMU_TEST_KUBECONFORM="$helm_tools/kubeconform"
 export MEMU_TEST_LUA="$lua" MEMU_TEST_KSTATUS="$kstatus" MEMU_TEST_PROMTOOL="$promtool"
-export MEMU_TEST_GITOPS_CRDS="$gitops_crds"
+export MEMU_TEST_GITOPS_CRDS="$gitops_crds" MEMU_TEST_PYTHON_CLIENTS="$python_clients"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 
 if [ $# -eq 0 ]; then

@@ -95,6 +95,7 @@ async fn run_one(
                 agent_name: None,
                 session_date: None,
                 messages: conversation(i),
+                overrides: Default::default(),
             })
             .await
             .unwrap();

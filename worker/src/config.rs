@@ -30,8 +30,9 @@ fn collect_env_names(value: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// Variables with the prefix that are not configuration keys.
-const RESERVED: &[&str] = &["MEMU_CONFIG"];
+/// Variables with the prefix that are not configuration keys: the configuration file, and the
+/// client's key and base URL (read by `memu-worker mcp` and by memU's SDK in the same shell).
+const RESERVED: &[&str] = &["MEMU_CONFIG", "MEMU_API_KEY", "MEMU_API_BASE_URL"];
 const PREFIX: &str = "MEMU_";
 
 /// Loads the configuration from an optional YAML file and the process environment.

@@ -9,6 +9,7 @@ pub mod api;
 pub mod cache;
 pub mod config;
 pub mod llm;
+pub mod mcp;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -36,6 +36,10 @@ enum Command {
     Config,
     /// Print the OpenAPI document as JSON.
     Openapi,
+    /// Serve the memory tools over MCP on stdin/stdout (for agents that launch their tools),
+    /// authenticated by the API key in `MEMU_API_KEY`; runs the memorize pipeline too when the
+    /// role does.
+    Mcp,
     /// Manage tenants and API keys, read the audit log and costs (on the configured database).
     #[command(subcommand)]
     Admin(memu_worker::admin_cli::AdminCommand),
@@ -96,6 +100,12 @@ async fn run() -> anyhow::Result<()> {
             let migrate = cfg.database.auto_migrate;
             let service = server::build_service(cfg, migrate).await?;
             memu_worker::admin_cli::run(&service, command).await?;
+        }
+        Command::Mcp => {
+            let key = std::env::var("MEMU_API_KEY").ok().filter(|k| !k.is_empty());
+            let migrate = cfg.database.auto_migrate;
+            let service = server::build_service(cfg, migrate).await?;
+            memu_worker::mcp::serve_stdio(service, key).await?;
         }
         Command::Serve { role } => {
             if let Some(role) = role {

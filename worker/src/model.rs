@@ -131,6 +131,34 @@ impl Resource {
             .and_then(|v| v.as_str())
             .map(str::to_string)
     }
+    /// What the memorize request changed for its own job.
+    pub fn overrides(&self) -> JobOverrides {
+        self.content
+            .get("override_config")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// A memorize request's own memory types and categories (memU's `override_config`): its job
+/// extracts only these types and files only into these categories, which are created for the
+/// user and agent on first use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobOverrides {
+    pub memory_types: Option<Vec<MemoryType>>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub memory_categories: Option<Vec<memu_crds::worker::CategorySpec>>,
+}
+
+impl JobOverrides {
+    pub fn is_empty(&self) -> bool {
+        self.memory_types.is_none() && self.memory_categories.is_none()
+    }
+    /// The memory types the job extracts.
+    pub fn memory_types<'a>(&'a self, configured: &'a [MemoryType]) -> &'a [MemoryType] {
+        self.memory_types.as_deref().unwrap_or(configured)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -1,5 +1,6 @@
 //! Service layer: the memory operations the API exposes, independent of HTTP and of the store.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,8 +15,9 @@ use memu_crds::worker::WorkerConfig;
 use crate::cache::{Cache, MemoryCache, decode_vector, encode_vector, generation_key};
 use crate::metrics::{BackendLabels, Metrics};
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, MemoryItem, MemoryType, Message, Modality,
-    NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, UsageTotals, UserRef, dot,
+    Category, DeletedCounts, ItemFilter, ItemPatch, JobOverrides, MemoryItem, MemoryType, Message,
+    Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, UsageTotals, UserRef,
+    dot,
 };
 use crate::providers::{ChatModel, Embedder, MediaReader, ProviderError, build_chat, build_media};
 use crate::store::{EmbeddingSpace, MemoryStore, StoreError, UserExport};
@@ -79,6 +81,8 @@ pub struct MemorizeInput {
     pub agent_name: Option<String>,
     pub session_date: Option<DateTime<Utc>>,
     pub messages: Vec<Message>,
+    /// The request's own memory types and categories.
+    pub overrides: JobOverrides,
 }
 
 /// Media that memorize reads into text first.
@@ -276,24 +280,33 @@ impl MemoryService {
         {
             return Ok((task, true));
         }
-        let hash = content_hash(&serde_json::json!(input.messages));
+        // The same conversation is memorized once per scope, unless it asks for other types or
+        // categories.
+        let hash = if input.overrides.is_empty() {
+            content_hash(&serde_json::json!(input.messages))
+        } else {
+            content_hash(&serde_json::json!([input.messages, input.overrides]))
+        };
         if let Some(task) = self.store.find_memorized(&input.scope, &hash).await? {
             return Ok((task, true));
         }
         let now = Utc::now();
-        let content = serde_json::json!({
+        let mut content = serde_json::json!({
             "messages": input.messages,
             "user_name": input.user_name,
             "agent_name": input.agent_name,
             "session_date": input.session_date,
         });
+        if !input.overrides.is_empty() {
+            content["override_config"] = serde_json::json!(input.overrides);
+        }
         let resource = Resource {
             id: Uuid::now_v7(),
             tenant_id: input.scope.tenant_id.clone(),
             user_id: input.scope.user_id.clone(),
             agent_id: input.scope.agent_id.clone(),
             modality: Modality::Conversation,
-            content_hash: content_hash(&content["messages"]),
+            content_hash: hash,
             content,
             caption: None,
             created_at: now,
@@ -503,6 +516,39 @@ impl MemoryService {
             .await
     }
 
+    /// The categories a job files into: the request's own (`override_config`), created for the
+    /// scope on first use with their descriptions embedded, or the scope's configured ones.
+    pub async fn job_categories(
+        &self,
+        scope: &Scope,
+        overrides: &JobOverrides,
+    ) -> Result<Vec<Category>, ServiceError> {
+        let Some(specs) = &overrides.memory_categories else {
+            return self.ensure_categories(scope).await;
+        };
+        let existing = self.store.list_categories(scope).await?;
+        let missing: Vec<_> = specs
+            .iter()
+            .filter(|s| !existing.iter().any(|c| c.name == s.name))
+            .cloned()
+            .collect();
+        let all = if missing.is_empty() {
+            existing
+        } else {
+            let texts: Vec<String> = missing
+                .iter()
+                .map(|s| format!("{}: {}", s.name.replace('_', " "), s.description))
+                .collect();
+            let vectors = self.embedder.embed(&texts).await?;
+            let pairs: Vec<_> = missing.into_iter().zip(vectors).collect();
+            self.store.ensure_categories(scope, &pairs).await?
+        };
+        Ok(all
+            .into_iter()
+            .filter(|c| specs.iter().any(|s| s.name == c.name))
+            .collect())
+    }
+
     /// The scope's categories, created from the configured defaults on first use.
     pub async fn ensure_categories(&self, scope: &Scope) -> Result<Vec<Category>, ServiceError> {
         let existing = self.store.list_categories(scope).await?;
@@ -661,6 +707,45 @@ impl MemoryService {
 
     pub async fn categories(&self, scope: &Scope) -> Result<Vec<Category>, ServiceError> {
         Ok(self.store.list_categories(scope).await?)
+    }
+
+    /// The user's categories of every agent, or of one, with how many items each holds.
+    pub async fn user_categories(
+        &self,
+        user: UserRef<'_>,
+        agent_id: Option<&str>,
+    ) -> Result<Vec<(Category, u64)>, ServiceError> {
+        let mut categories = self.store.list_user_categories(user).await?;
+        if let Some(agent) = agent_id {
+            categories.retain(|(c, _)| c.agent_id == agent);
+        }
+        Ok(categories)
+    }
+
+    /// The names of the categories each item is filed in, best fit first.
+    pub async fn item_category_names(
+        &self,
+        user: UserRef<'_>,
+        items: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<String>>, ServiceError> {
+        let links = self.store.item_categories(user, items).await?;
+        if links.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let names: HashMap<Uuid, String> = self
+            .store
+            .list_user_categories(user)
+            .await?
+            .into_iter()
+            .map(|(c, _)| (c.id, c.name))
+            .collect();
+        let mut by_item: HashMap<Uuid, Vec<String>> = HashMap::new();
+        for (item, category) in links {
+            if let Some(name) = names.get(&category) {
+                by_item.entry(item).or_default().push(name.clone());
+            }
+        }
+        Ok(by_item)
     }
 
     pub async fn list_items(

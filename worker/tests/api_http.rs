@@ -122,7 +122,8 @@ async fn round_trip(server: &TestServer) {
         .post("/categories", json!({"user_id": "maria"}))
         .await;
     assert_eq!(status, 200);
-    let cats = cats["categories"].as_array().unwrap();
+    assert_eq!(cats["status"], "success", "memU-server's envelope");
+    let cats = cats["result"]["categories"].as_array().unwrap();
     assert_eq!(cats.len(), 10);
     assert!(
         cats.iter()
@@ -514,7 +515,7 @@ async fn native_item_crud_erase_and_export() {
     let (_, found) = server
         .post("/retrieve", json!({"user_id": "ana", "query": "Korean"}))
         .await;
-    assert_eq!(found["items"][0]["id"], id.as_str());
+    assert_eq!(found["result"]["items"][0]["id"], id.as_str());
     for n in 0..4 {
         server
             .post(
@@ -650,9 +651,14 @@ async fn provider_outage_fails_the_task_and_keeps_the_resource() {
             json!({"user_id": "z", "conversation": conversation()}),
         )
         .await;
-    assert_eq!(status, 202);
-    let task = server.wait_task(body["task_id"].as_str().unwrap()).await;
+    assert_eq!(status, 200, "memU-server answers 200: {body}");
+    let task_id = body["result"]["task_id"].as_str().unwrap();
+    assert!(task_id.starts_with("memorize-"), "{body}");
+    let task = server.wait_task(task_id).await;
     assert_eq!(task["status"], "FAILED");
+    let (_, status) = server.get(&format!("/memorize/status/{task_id}")).await;
+    assert_eq!(status["result"]["status"], "FAILED", "{status}");
+    assert!(status["result"]["detail"].as_str().unwrap().contains("400"));
     assert!(task["error"].as_str().unwrap().contains("400"), "{task}");
     let export = server.service.export_user(u("z")).await.unwrap();
     assert_eq!(

@@ -159,7 +159,7 @@ fn routes(task: &str, item: &str) -> Vec<Route> {
             Method::POST,
             "/memorize".into(),
             Some(json!({"user_id": "tmp2", "conversation": conversation})),
-            202,
+            200,
         ),
         r(
             Method::POST,
@@ -175,6 +175,50 @@ fn routes(task: &str, item: &str) -> Vec<Route> {
         ),
         r(Method::DELETE, "/api/v1/users/gone".into(), None, 200),
         r(Method::GET, "/admin/v1/tenants".into(), None, 200),
+        // memU Cloud v1 (the SDK's routes) and memU-server's envelope routes.
+        r(
+            Method::GET,
+            format!("/api/v1/memory/memorize/status/{task}"),
+            None,
+            200,
+        ),
+        r(Method::GET, format!("/memorize/status/{task}"), None, 200),
+        r(
+            Method::POST,
+            "/api/v1/memory/retrieve/default-categories".into(),
+            Some(json!({"user_id": "alice", "want_summary": false})),
+            200,
+        ),
+        r(
+            Method::POST,
+            "/api/v1/memory/retrieve/related-memory-items".into(),
+            Some(json!({"user_id": "alice", "query": "where", "min_similarity": -1.0})),
+            200,
+        ),
+        r(
+            Method::POST,
+            "/api/v1/memory/retrieve/related-clustered-categories".into(),
+            Some(json!({"user_id": "alice", "category_query": "home", "min_similarity": -1.0})),
+            200,
+        ),
+        r(
+            Method::POST,
+            "/api/v1/memory/memorize".into(),
+            Some(json!({"user_id": "tmp3", "conversation": conversation})),
+            200,
+        ),
+        r(
+            Method::POST,
+            "/api/v1/memory/delete".into(),
+            Some(json!({"user_id": "nobody"})),
+            200,
+        ),
+        r(
+            Method::POST,
+            "/api/v3/memory/delete".into(),
+            Some(json!({"user_id": "nobody"})),
+            200,
+        ),
     ]
 }
 
@@ -275,7 +319,7 @@ async fn isolation_matrix_on_postgres() {
             route.method, route.path
         );
     }
-    assert_eq!(checked, 18 * 6);
+    assert_eq!(checked, 26 * 6);
 
     // B still has its own alice, untouched by everything A did.
     let (_, body) = call(

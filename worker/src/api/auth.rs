@@ -27,6 +27,18 @@ pub struct Caller {
 }
 
 impl Caller {
+    pub fn new(principal: Principal) -> Self {
+        Self {
+            principal,
+            target: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The user the request was about, as the audit log names it.
+    pub fn audit_target(&self) -> Option<String> {
+        self.target.lock().expect("audit target lock").clone()
+    }
+
     pub fn tenant_id(&self) -> &str {
         &self.principal.tenant_id
     }
@@ -61,16 +73,20 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Routes answered with POST that only read.
-const POST_READS: [&str; 4] = [
+const POST_READS: [&str; 7] = [
     "/api/v3/memory/retrieve",
     "/api/v3/memory/categories",
+    "/api/v1/memory/retrieve/default-categories",
+    "/api/v1/memory/retrieve/related-memory-items",
+    "/api/v1/memory/retrieve/related-clustered-categories",
     "/retrieve",
     "/categories",
 ];
 
 /// Routes that create memorize jobs (daily quotas apply).
-const JOB_ROUTES: [&str; 4] = [
+const JOB_ROUTES: [&str; 5] = [
     "/api/v3/memory/memorize",
+    "/api/v1/memory/memorize",
     "/memorize",
     "/api/v1/users/{user_id}/documents",
     "/api/v3/memory/memorize/{task_id}/retry",
@@ -87,36 +103,40 @@ pub fn required_scope(method: &Method, route: &str) -> ApiScope {
     }
 }
 
+impl From<AccessError> for ApiError {
+    fn from(e: AccessError) -> Self {
+        let message = e.to_string();
+        match e {
+            AccessError::Unauthorized(_) => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+                    .with_field("authorization")
+            }
+            AccessError::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", message),
+            AccessError::Limited { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            }
+            AccessError::UnknownTenant(_) => ApiError::not_found(message),
+            AccessError::Store(e) => ApiError::from(e),
+        }
+    }
+}
+
 impl IntoResponse for AccessError {
     fn into_response(self) -> Response {
-        let message = self.to_string();
-        match self {
+        let header = match &self {
             AccessError::Unauthorized(_) => {
-                let mut response = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-                    .with_field("authorization")
-                    .into_response();
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                response
-            }
-            AccessError::Forbidden(_) => {
-                ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).into_response()
+                Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")))
             }
             AccessError::Limited {
                 retry_after_secs, ..
-            } => {
-                let mut response =
-                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
-                        .into_response();
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-                response
-            }
-            AccessError::UnknownTenant(_) => ApiError::not_found(message).into_response(),
-            AccessError::Store(e) => ApiError::from(e).into_response(),
+            } => Some((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs))),
+            _ => None,
+        };
+        let mut response = ApiError::from(self).into_response();
+        if let Some((name, value)) = header {
+            response.headers_mut().insert(name, value);
         }
+        response
     }
 }
 
@@ -145,10 +165,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             return e.into_response();
         }
     };
-    let caller = Caller {
-        principal,
-        target: Arc::new(Mutex::new(None)),
-    };
+    let caller = Caller::new(principal);
     let checked = async {
         caller.principal.require(required_scope(&method, &route))?;
         access.admit(&caller.principal).await?;
@@ -164,21 +181,51 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         }
         Err(e) => e.into_response(),
     };
-    if access.enabled() {
-        let entry = AuditEntry {
-            id: Uuid::now_v7(),
-            tenant_id: caller.principal.tenant_id.clone(),
-            at: Utc::now(),
-            key_id: caller.principal.key_id.clone(),
-            method: method.to_string(),
-            route,
-            target_user: caller.target.lock().expect("audit target lock").clone(),
-            status: response.status().as_u16(),
-        };
-        if let Err(e) = state.service.store.append_audit(&[entry]).await {
-            state.service.metrics.audit_failures.inc();
-            tracing::error!(error = %e, "cannot append to the audit log");
-        }
-    }
+    audit(&state, &caller, method.as_str(), route, response.status()).await;
     response
+}
+
+/// Appends one entry for an authenticated request to the audit log (when keys are enforced).
+pub async fn audit(
+    state: &AppState,
+    caller: &Caller,
+    method: &str,
+    route: String,
+    status: StatusCode,
+) {
+    if !state.service.access.enabled() {
+        return;
+    }
+    let entry = AuditEntry {
+        id: Uuid::now_v7(),
+        tenant_id: caller.principal.tenant_id.clone(),
+        at: Utc::now(),
+        key_id: caller.principal.key_id.clone(),
+        method: method.to_string(),
+        route,
+        target_user: caller.audit_target(),
+        status: status.as_u16(),
+    };
+    if let Err(e) = state.service.store.append_audit(&[entry]).await {
+        state.service.metrics.audit_failures.inc();
+        tracing::error!(error = %e, "cannot append to the audit log");
+    }
+}
+
+/// Resolves the bearer key of a request that authorizes per operation (MCP): the caller is
+/// admitted (rate limit) here, each tool checks its own scope.
+pub async fn identify(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let access = &state.service.access;
+    let principal = match access.authenticate(bearer(&req)).await {
+        Ok(p) => p,
+        Err(e) => {
+            state.service.metrics.auth_failures.inc();
+            return e.into_response();
+        }
+    };
+    if let Err(e) = access.admit(&principal).await {
+        return e.into_response();
+    }
+    req.extensions_mut().insert(Caller::new(principal));
+    next.run(req).await
 }

@@ -74,6 +74,8 @@ pub struct ItemPage {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateItem {
     pub memory_type: MemoryType,
+    /// The memory's text (memU 1.x calls it `memory_content`).
+    #[serde(alias = "memory_content")]
     pub summary: String,
     pub agent_id: Option<String>,
     pub happened_at: Option<DateTime<Utc>>,
@@ -84,6 +86,7 @@ pub struct CreateItem {
 /// Fields to change; absent fields stay. `happened_at: null` clears it.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct UpdateItem {
+    #[serde(alias = "memory_content")]
     pub summary: Option<String>,
     pub memory_type: Option<MemoryType>,
     #[serde(default, deserialize_with = "present")]

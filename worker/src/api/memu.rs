@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ApiJson};
-use crate::model::{ItemFilter, MemoryType, Message, Scope, Task, TaskStatus};
+use crate::model::{ItemFilter, JobOverrides, MemoryType, Message, Scope, Task, TaskStatus};
 use crate::service::{MemorizeInput, RetrieveInput, RetrieveOutput};
 
 /// Message content: a string, or memU 1.x's `{text}` object.
@@ -49,7 +49,78 @@ pub struct MemorizeRequest {
     pub agent_name: Option<String>,
     /// RFC 3339 timestamp, or a date `YYYY-MM-DD`.
     pub session_date: Option<String>,
-    pub conversation: Vec<ConversationMessage>,
+    /// The conversation as messages; or give `conversation_text`.
+    pub conversation: Option<Vec<ConversationMessage>>,
+    /// The conversation as one text: lines `speaker: text`, where the speaker is a role
+    /// (`user`, `assistant`, `system`, `tool`), `user_name` or `agent_name`; lines without a
+    /// speaker continue the message before them, and a text without speakers is one user
+    /// message.
+    pub conversation_text: Option<String>,
+    /// This job's own `memory_types` and `memory_categories` (`[{name, description}]`): it
+    /// extracts only those types and files only into those categories, created for the user
+    /// and agent on first use. Other memU settings (prompts, models) are not taken.
+    pub override_config: Option<serde_json::Value>,
+}
+
+/// Longest list of categories one request may bring.
+const MAX_OVERRIDE_CATEGORIES: usize = 50;
+
+/// Checks memU's `override_config`, naming the offending key.
+fn job_overrides(value: Option<serde_json::Value>) -> Result<JobOverrides, ApiError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(JobOverrides::default());
+    };
+    let overrides: JobOverrides = serde_json::from_value(value).map_err(|e| {
+        ApiError::invalid(
+            "override_config",
+            format!(
+                "override_config: {e} (memory_types and memory_categories are the settings a                  request may change)"
+            ),
+        )
+    })?;
+    if overrides.memory_types.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ApiError::invalid(
+            "override_config.memory_types",
+            "override_config.memory_types must name at least one type",
+        ));
+    }
+    if let Some(categories) = &overrides.memory_categories {
+        if categories.is_empty() || categories.len() > MAX_OVERRIDE_CATEGORIES {
+            return Err(ApiError::invalid(
+                "override_config.memory_categories",
+                format!(
+                    "override_config.memory_categories must hold 1 to {MAX_OVERRIDE_CATEGORIES} categories"
+                ),
+            ));
+        }
+        for (i, c) in categories.iter().enumerate() {
+            let field = format!("override_config.memory_categories[{i}]");
+            let valid_name = !c.name.is_empty()
+                && c.name.len() <= 64
+                && c.name
+                    .chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_');
+            if !valid_name {
+                return Err(ApiError::invalid(
+                    format!("{field}.name"),
+                    format!("{field}.name must be 1 to 64 of a-z, 0-9 and _"),
+                ));
+            }
+            if c.description.trim().is_empty() || c.description.len() > 1000 {
+                return Err(ApiError::invalid(
+                    format!("{field}.description"),
+                    format!("{field}.description must be 1 to 1000 bytes"),
+                ));
+            }
+            if categories[..i].iter().any(|o| o.name == c.name) {
+                return Err(ApiError::invalid(
+                    format!("{field}.name"),
+                    format!("category `{}` is listed twice", c.name),
+                ));
+            }
+        }
+    }
+    Ok(overrides)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -125,11 +196,63 @@ impl From<RetrieveMethod> for crate::service::RetrieveMethod {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, ToSchema)]
-pub struct RetrieveRequest {
-    pub user_id: String,
+/// memU 1.x's `where`: the scope (and memory types) of a call.
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WhereFilter {
+    pub user_id: Option<String>,
     pub agent_id: Option<String>,
-    pub query: Query,
+    pub memory_type: Option<MemoryType>,
+    #[serde(rename = "memory_type__in")]
+    pub memory_type_in: Option<Vec<MemoryType>>,
+}
+
+/// One of two places a value may be given (top level or `where`), never two different ones.
+fn one_of<T: PartialEq>(
+    field: &str,
+    top: Option<T>,
+    nested: Option<T>,
+) -> Result<Option<T>, ApiError> {
+    match (top, nested) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::invalid(
+            format!("where.{field}"),
+            format!("{field} and where.{field} differ: give it once"),
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// The user and agent of a request from its top-level fields or its `where`.
+pub fn resolve_scope(
+    user_id: Option<String>,
+    agent_id: Option<String>,
+    filter: Option<&WhereFilter>,
+) -> Result<(String, Option<String>), ApiError> {
+    let filter = filter.cloned().unwrap_or_default();
+    let user = one_of("user_id", user_id, filter.user_id)?.ok_or_else(|| {
+        ApiError::invalid(
+            "user_id",
+            "user_id is required (at the top level or in where): memories belong to one user",
+        )
+    })?;
+    Ok((user, one_of("agent_id", agent_id, filter.agent_id)?))
+}
+
+/// A retrieve request, in memU Cloud v3's shape (`user_id`, `query`) or memU 1.x's (`queries`,
+/// `where`, `method`).
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
+pub struct RetrieveRequest {
+    /// The user whose memories are searched (or `where.user_id`).
+    pub user_id: Option<String>,
+    pub agent_id: Option<String>,
+    /// A string, or a conversation whose last user message is the query.
+    pub query: Option<Query>,
+    /// memU 1.x: the conversation `[{role, content: {text}}]`; its last user message is the
+    /// query and the ones before it are context for the `llm` method.
+    pub queries: Option<Vec<QueryMessage>>,
+    /// memU 1.x: `user_id`, `agent_id`, `memory_type` or `memory_type__in`.
+    #[serde(rename = "where")]
+    pub filter: Option<WhereFilter>,
     pub top_k: Option<usize>,
     pub memory_types: Option<Vec<MemoryType>>,
     pub method: Option<RetrieveMethod>,
@@ -234,10 +357,35 @@ impl From<RetrieveOutput> for RetrieveResponse {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, ToSchema)]
+/// A user (and agent), at the top level or in memU 1.x's `where`.
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct ScopeRequest {
-    pub user_id: String,
+    pub user_id: Option<String>,
     pub agent_id: Option<String>,
+    /// memU 1.x: `user_id` and `agent_id`.
+    #[serde(rename = "where")]
+    pub filter: Option<WhereFilter>,
+}
+
+impl ScopeRequest {
+    /// The checked user and agent.
+    pub fn scope(self, state: &AppState) -> Result<(String, Option<String>), ApiError> {
+        if let Some(f) = &self.filter
+            && (f.memory_type.is_some() || f.memory_type_in.is_some())
+        {
+            return Err(ApiError::invalid(
+                "where.memory_type",
+                "memory types do not apply here: categories and erasure cover every type",
+            ));
+        }
+        let (user, agent) = resolve_scope(self.user_id, self.agent_id, self.filter.as_ref())?;
+        let max = state.service.config.memory.max_id_len;
+        check_id("user_id", &user, max)?;
+        if let Some(agent) = &agent {
+            check_id("agent_id", agent, max)?;
+        }
+        Ok((user, agent))
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -285,6 +433,17 @@ pub fn check_id(field: &str, value: &str, max_len: usize) -> Result<(), ApiError
     Ok(())
 }
 
+/// A task id: the UUID, or memU-server's `memorize-<32 hex digits>` form of it.
+pub fn parse_task_id(raw: &str) -> Result<Uuid, ApiError> {
+    let hex = raw.strip_prefix("memorize-").unwrap_or(raw);
+    Uuid::parse_str(hex).map_err(|_| {
+        ApiError::invalid(
+            "task_id",
+            format!("task_id `{raw}` is neither a UUID nor memorize-<32 hex digits>"),
+        )
+    })
+}
+
 pub fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(value) {
         return Ok(t.with_timezone(&Utc));
@@ -298,7 +457,54 @@ pub fn parse_time(field: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
     ))
 }
 
-fn memorize_input(
+/// Splits a flattened conversation into messages (see `MemorizeRequest::conversation_text`).
+pub fn conversation_from_text(
+    text: &str,
+    user_name: Option<&str>,
+    agent_name: Option<&str>,
+) -> Vec<ConversationMessage> {
+    let speaker_role = |speaker: &str| -> Option<&'static str> {
+        let speaker = speaker.trim();
+        if let Some(role) = ROLES.iter().find(|r| r.eq_ignore_ascii_case(speaker)) {
+            return Some(role);
+        }
+        let named =
+            |name: Option<&str>| name.is_some_and(|n| !n.trim().is_empty() && n.trim() == speaker);
+        if named(user_name) {
+            Some("user")
+        } else if named(agent_name) {
+            Some("assistant")
+        } else {
+            None
+        }
+    };
+    let mut messages: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        let spoken = line
+            .split_once(':')
+            .and_then(|(speaker, rest)| Some((speaker_role(speaker)?, rest.trim())));
+        match (spoken, messages.last_mut()) {
+            (Some((role, rest)), _) => messages.push((role.to_string(), rest.to_string())),
+            (None, Some((_, content))) => {
+                content.push('\n');
+                content.push_str(line);
+            }
+            (None, None) if line.trim().is_empty() => {}
+            (None, None) => messages.push(("user".to_string(), line.to_string())),
+        }
+    }
+    messages
+        .into_iter()
+        .map(|(role, content)| ConversationMessage {
+            role,
+            content: MessageContent::Text(content.trim().to_string()),
+            name: None,
+            created_at: None,
+        })
+        .collect()
+}
+
+pub(super) fn memorize_input(
     state: &AppState,
     caller: &Caller,
     req: MemorizeRequest,
@@ -308,14 +514,32 @@ fn memorize_input(
     if let Some(agent) = &req.agent_id {
         check_id("agent_id", agent, max)?;
     }
-    if req.conversation.is_empty() {
+    let conversation = match (req.conversation, req.conversation_text) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "conversation_text",
+                "give either conversation or conversation_text, not both",
+            ));
+        }
+        (Some(messages), None) => messages,
+        (None, Some(text)) => {
+            conversation_from_text(&text, req.user_name.as_deref(), req.agent_name.as_deref())
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "conversation",
+                "conversation (a list of messages) or conversation_text is required",
+            ));
+        }
+    };
+    if conversation.is_empty() {
         return Err(ApiError::invalid(
             "conversation",
             "conversation must hold at least one message",
         ));
     }
-    let mut messages = Vec::with_capacity(req.conversation.len());
-    for (i, m) in req.conversation.into_iter().enumerate() {
+    let mut messages = Vec::with_capacity(conversation.len());
+    for (i, m) in conversation.into_iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::invalid(
                 format!("conversation[{i}].role"),
@@ -342,6 +566,7 @@ fn memorize_input(
         });
     }
     Ok(MemorizeInput {
+        overrides: job_overrides(req.override_config)?,
         idempotency_key: None,
         scope: Scope::new(caller.user(&req.user_id), req.agent_id),
         user_name: req.user_name,
@@ -418,8 +643,7 @@ pub async fn memorize_status(
     caller: Caller,
     Path(task_id): Path<String>,
 ) -> Result<Json<TaskStatusResponse>, ApiError> {
-    let id = Uuid::parse_str(&task_id)
-        .map_err(|_| ApiError::invalid("task_id", format!("task_id `{task_id}` is not a UUID")))?;
+    let id = parse_task_id(&task_id)?;
     Ok(Json(
         state.service.task(caller.tenant_id(), id).await?.into(),
     ))
@@ -436,8 +660,7 @@ pub async fn memorize_retry(
     caller: Caller,
     Path(task_id): Path<String>,
 ) -> Result<(StatusCode, Json<TaskStatusResponse>), ApiError> {
-    let id = Uuid::parse_str(&task_id)
-        .map_err(|_| ApiError::invalid("task_id", format!("task_id `{task_id}` is not a UUID")))?;
+    let id = parse_task_id(&task_id)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(
@@ -486,10 +709,33 @@ pub async fn retrieve(
     ApiJson(req): ApiJson<RetrieveRequest>,
 ) -> Result<Json<RetrieveResponse>, ApiError> {
     let memory = &state.service.config.memory;
-    check_id("user_id", &req.user_id, memory.max_id_len)?;
-    if let Some(agent) = &req.agent_id {
+    let (user_id, agent_id) = resolve_scope(req.user_id, req.agent_id, req.filter.as_ref())?;
+    check_id("user_id", &user_id, memory.max_id_len)?;
+    if let Some(agent) = &agent_id {
         check_id("agent_id", agent, memory.max_id_len)?;
     }
+    let where_types = req.filter.as_ref().and_then(|f| {
+        f.memory_type_in
+            .clone()
+            .or_else(|| f.memory_type.map(|t| vec![t]))
+    });
+    let memory_types = one_of("memory_type", req.memory_types, where_types)?;
+    let query = match (req.query, req.queries) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "queries",
+                "give either query or queries, not both",
+            ));
+        }
+        (Some(query), None) => query,
+        (None, Some(messages)) => Query::Conversation(messages),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "query",
+                "query (a string or messages) or queries is required",
+            ));
+        }
+    };
     let top_k = req.top_k.unwrap_or(memory.default_top_k);
     if top_k == 0 || top_k > memory.max_top_k {
         return Err(ApiError::invalid(
@@ -512,19 +758,19 @@ pub async fn retrieve(
             "since must be earlier than until",
         ));
     }
-    let (query, context) = query_text(req.query)?;
+    let (query, context) = query_text(query)?;
     let input = RetrieveInput {
         method: method.into(),
         context,
         filter: ItemFilter {
-            agent_id: req.agent_id.clone(),
-            memory_types: req.memory_types.unwrap_or_default(),
+            agent_id: agent_id.clone(),
+            memory_types: memory_types.unwrap_or_default(),
             since: req.since,
             until: req.until,
         },
         tenant_id: caller.tenant_id().to_string(),
-        user_id: caller.user(&req.user_id).user_id.to_string(),
-        agent_id: req.agent_id,
+        user_id: caller.user(&user_id).user_id.to_string(),
+        agent_id,
         query,
         top_k,
     };
@@ -540,14 +786,10 @@ pub async fn categories(
     caller: Caller,
     ApiJson(req): ApiJson<ScopeRequest>,
 ) -> Result<Json<CategoriesResponse>, ApiError> {
-    let max = state.service.config.memory.max_id_len;
-    check_id("user_id", &req.user_id, max)?;
-    if let Some(agent) = &req.agent_id {
-        check_id("agent_id", agent, max)?;
-    }
+    let (user_id, agent_id) = req.scope(&state)?;
     let categories = state
         .service
-        .categories(&Scope::new(caller.user(&req.user_id), req.agent_id))
+        .categories(&Scope::new(caller.user(&user_id), agent_id))
         .await?;
     Ok(Json(CategoriesResponse {
         categories: categories
@@ -564,23 +806,28 @@ pub async fn categories(
     }))
 }
 
-/// Delete all memories of a user (or of one agent of the user).
-#[utoipa::path(post, path = "/clear", tag = "memory",
+/// Delete all memories of a user (or of one agent of the user): memU Cloud v3's delete.
+#[utoipa::path(post, path = "/api/v3/memory/delete", tag = "memory",
     request_body = ScopeRequest,
     responses((status = 200, body = ClearResponse), (status = 422, body = super::error::ErrorBody)))]
+pub async fn delete(
+    state: State<AppState>,
+    caller: Caller,
+    req: ApiJson<ScopeRequest>,
+) -> Result<Json<ClearResponse>, ApiError> {
+    clear(state, caller, req).await
+}
+
+/// Delete all memories of a user (or of one agent of the user).
 pub async fn clear(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<ScopeRequest>,
 ) -> Result<Json<ClearResponse>, ApiError> {
-    let max = state.service.config.memory.max_id_len;
-    check_id("user_id", &req.user_id, max)?;
-    if let Some(agent) = &req.agent_id {
-        check_id("agent_id", agent, max)?;
-    }
+    let (user_id, agent_id) = req.scope(&state)?;
     let erasure = state
         .service
-        .delete_user(caller.user(&req.user_id), req.agent_id.as_deref())
+        .delete_user(caller.user(&user_id), agent_id.as_deref())
         .await?;
     if let Some(pseudonym) = &erasure.audit_pseudonym {
         caller.retarget(pseudonym);

@@ -7,7 +7,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -24,9 +24,11 @@ use crate::service::MemoryService;
 
 pub mod admin;
 pub mod auth;
+pub mod cloud_v1;
 pub mod error;
 pub mod items;
 pub mod memu;
+pub mod memu_server;
 
 use error::ApiError;
 
@@ -40,6 +42,8 @@ pub struct AppState {
     info(title = "memU worker API", description = "Memorize conversations and retrieve what matters, per user."),
     tags(
         (name = "memory", description = "memU Cloud v3-compatible memorize / retrieve / categories"),
+        (name = "memu-cloud-v1", description = "memU Cloud API v1, as memU's Python SDK (memu-py) calls it"),
+        (name = "memu-server", description = "memU-server's routes in its envelope, scoped by user"),
         (name = "items", description = "Memory items of one user"),
         (name = "users", description = "Erase and export a user's data"),
         (name = "admin", description = "Tenants, API keys, audit log and costs (admin scope)"),
@@ -56,7 +60,18 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(memu::memorize_retry))
         .routes(routes!(memu::retrieve))
         .routes(routes!(memu::categories))
-        .routes(routes!(memu::clear))
+        .routes(routes!(memu::delete))
+        .routes(routes!(memu_server::memorize))
+        .routes(routes!(memu_server::memorize_status))
+        .routes(routes!(memu_server::retrieve))
+        .routes(routes!(memu_server::categories))
+        .routes(routes!(memu_server::clear))
+        .routes(routes!(cloud_v1::memorize))
+        .routes(routes!(cloud_v1::memorize_status))
+        .routes(routes!(cloud_v1::default_categories))
+        .routes(routes!(cloud_v1::related_memory_items))
+        .routes(routes!(cloud_v1::related_clustered_categories))
+        .routes(routes!(cloud_v1::delete))
         .routes(routes!(items::list, items::create))
         .routes(routes!(items::get, items::update, items::delete))
         .routes(routes!(items::delete_user))
@@ -90,18 +105,21 @@ pub fn router(service: Arc<MemoryService>, role: Role, with_ops: bool) -> Router
     if role.serves_api() {
         let (api, _) = api_routes().split_for_parts();
         let api = api
-            // memU-server paths, scoped by user_id like the v3 ones.
-            .route("/memorize", post(memu::memorize))
-            .route("/memorize/status/{task_id}", get(memu::memorize_status))
-            .route("/retrieve", post(memu::retrieve))
-            .route("/categories", post(memu::categories))
             // After routing, so the middleware sees the route template (scope and audit).
             .route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 auth::authenticate,
             ));
+        // MCP tools authorize per tool: the middleware only identifies the caller.
+        let mcp = Router::new()
+            .nest_service("/mcp", crate::mcp::http_service(state.service.clone()))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                auth::identify,
+            ));
         app = app
             .merge(api)
+            .merge(mcp)
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()));
     }
     if with_ops {

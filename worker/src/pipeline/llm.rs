@@ -166,6 +166,8 @@ pub async fn memorize(
         .clone()
         .unwrap_or_else(|| extraction.clone());
     let scope = Scope::new(task.user(), Some(task.agent_id.clone()));
+    let overrides = resource.overrides();
+    let memory_types = overrides.memory_types(&config.memory_types);
     let subject = resource
         .user_name()
         .unwrap_or_else(|| "the user".to_string());
@@ -179,7 +181,7 @@ pub async fn memorize(
     for (i, (transcript, at)) in segments.iter().enumerate() {
         let prompt = prompts::extract(
             &subject,
-            &config.memory_types,
+            memory_types,
             transcript,
             i + 1,
             segments.len(),
@@ -190,8 +192,8 @@ pub async fn memorize(
             captions.push(answer.caption.trim().to_string());
         }
         for item in answer.items {
-            let Some(memory_type) = MemoryType::parse(item.memory_type.trim())
-                .filter(|t| config.memory_types.contains(t))
+            let Some(memory_type) =
+                MemoryType::parse(item.memory_type.trim()).filter(|t| memory_types.contains(t))
             else {
                 tracing::warn!(memory_type = %item.memory_type, "dropping an item of a type not configured");
                 continue;
@@ -383,7 +385,7 @@ pub async fn memorize(
         .collect();
 
     // 4. File the items into the user's own categories and rewrite the touched summaries.
-    let categories = service.ensure_categories(&scope).await?;
+    let categories = service.job_categories(&scope, &overrides).await?;
     let filed: Vec<&MemoryItem> = items
         .iter()
         .map(|n| &n.item)

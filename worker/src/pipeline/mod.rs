@@ -203,6 +203,8 @@ pub async fn memorize_offline(
     resource: &Resource,
 ) -> Result<MemorizeOutcome, ServiceError> {
     let config = &service.config.memory;
+    let overrides = resource.overrides();
+    let memory_types = overrides.memory_types(&config.memory_types);
     let scope = Scope::new(task.user(), Some(task.agent_id.clone()));
     let document = resource.modality == Modality::Document;
     let messages = if document {
@@ -220,7 +222,7 @@ pub async fn memorize_offline(
         .unwrap_or_else(|| "The user".to_string());
 
     let mut drafts: Vec<(MemoryType, String, serde_json::Value)> = Vec::new();
-    if config.memory_types.contains(&MemoryType::Profile) && !document {
+    if memory_types.contains(&MemoryType::Profile) && !document {
         for statement in offline::profile_statements(&messages, &subject) {
             drafts.push((
                 MemoryType::Profile,
@@ -230,11 +232,10 @@ pub async fn memorize_offline(
         }
     }
     // A document's passages are knowledge where that type is kept; a conversation's are events.
-    let passage_type = if document && config.memory_types.contains(&MemoryType::Knowledge) {
+    let passage_type = if document && memory_types.contains(&MemoryType::Knowledge) {
         Some(MemoryType::Knowledge)
     } else {
-        config
-            .memory_types
+        memory_types
             .contains(&MemoryType::Event)
             .then_some(MemoryType::Event)
     };
@@ -264,7 +265,7 @@ pub async fn memorize_offline(
         }
     }
 
-    let categories = service.ensure_categories(&scope).await?;
+    let categories = service.job_categories(&scope, &overrides).await?;
     let texts: Vec<String> = fresh.iter().map(|(_, s, _)| s.clone()).collect();
     let vectors = service
         .embedder

@@ -289,6 +289,17 @@ pub trait MemoryStore: AccessStore {
         specs: &[(CategorySpec, Vec<f32>)],
     ) -> Result<Vec<Category>, StoreError>;
     async fn list_categories(&self, scope: &Scope) -> Result<Vec<Category>, StoreError>;
+    /// The user's categories of every agent, with how many items each holds.
+    async fn list_user_categories(
+        &self,
+        user: UserRef<'_>,
+    ) -> Result<Vec<(Category, u64)>, StoreError>;
+    /// The categories the given items are filed in, as `(item, category)` pairs.
+    async fn item_categories(
+        &self,
+        user: UserRef<'_>,
+        item_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, Uuid)>, StoreError>;
     /// Newest items of a category, for summaries.
     async fn category_items(
         &self,

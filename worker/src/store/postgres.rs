@@ -970,6 +970,54 @@ impl MemoryStore for PgStore {
         rows.iter().map(category_from_row).collect()
     }
 
+    async fn list_user_categories(
+        &self,
+        user: UserRef<'_>,
+    ) -> Result<Vec<(Category, u64)>, StoreError> {
+        let mut tx = Self::tenant_tx(self.reader(), user.tenant_id).await?;
+        let rows = sqlx::query(
+            "SELECT c.*, (SELECT count(*) FROM category_items l \
+                WHERE l.tenant_id = c.tenant_id AND l.user_id = c.user_id AND l.category_id = c.id) AS items \
+             FROM memory_categories c WHERE c.tenant_id = $1 AND c.user_id = $2 \
+             ORDER BY c.agent_id, c.created_at, c.name",
+        )
+        .bind(user.tenant_id)
+        .bind(user.user_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    category_from_row(row)?,
+                    row.try_get::<i64, _>("items")? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    async fn item_categories(
+        &self,
+        user: UserRef<'_>,
+        item_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, Uuid)>, StoreError> {
+        if item_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = Self::tenant_tx(self.reader(), user.tenant_id).await?;
+        let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT memory_item_id, category_id FROM category_items \
+             WHERE tenant_id = $1 AND user_id = $2 AND memory_item_id = ANY($3) ORDER BY confidence DESC",
+        )
+        .bind(user.tenant_id)
+        .bind(user.user_id)
+        .bind(item_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
     async fn category_items(
         &self,
         user: UserRef<'_>,

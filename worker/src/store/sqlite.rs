@@ -745,6 +745,58 @@ impl MemoryStore for SqliteStore {
         .collect()
     }
 
+    async fn list_user_categories(
+        &self,
+        user: UserRef<'_>,
+    ) -> Result<Vec<(Category, u64)>, StoreError> {
+        sqlx::query(
+            "SELECT c.*, (SELECT count(*) FROM category_items l \
+                WHERE l.tenant_id = c.tenant_id AND l.user_id = c.user_id AND l.category_id = c.id) AS items \
+             FROM memory_categories c WHERE c.tenant_id = ? AND c.user_id = ? \
+             ORDER BY c.agent_id, c.created_at, c.name",
+        )
+        .bind(user.tenant_id)
+        .bind(user.user_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| Ok((category_from_row(row)?, row.try_get::<i64, _>("items")? as u64)))
+        .collect()
+    }
+
+    async fn item_categories(
+        &self,
+        user: UserRef<'_>,
+        item_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, Uuid)>, StoreError> {
+        if item_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT memory_item_id, category_id FROM category_items WHERE tenant_id = ",
+        );
+        qb.push_bind(user.tenant_id.to_string())
+            .push(" AND user_id = ")
+            .push_bind(user.user_id.to_string())
+            .push(" AND memory_item_id IN (");
+        let mut sep = qb.separated(", ");
+        for id in item_ids {
+            sep.push_bind(id.to_string());
+        }
+        qb.push(") ORDER BY confidence DESC");
+        qb.build()
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok((
+                    uuid_col(row, "memory_item_id")?,
+                    uuid_col(row, "category_id")?,
+                ))
+            })
+            .collect()
+    }
+
     async fn category_items(
         &self,
         user: UserRef<'_>,

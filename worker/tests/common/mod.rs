@@ -301,17 +301,22 @@ pub async fn wait_task_over_http(
 /// `memu-worker admin key create --output-file`, as `scripts/serve-local.sh` runs it; the key
 /// file is private to its owner.
 pub fn create_key(cmd: &mut std::process::Command, dir: &std::path::Path) -> String {
+    create_scoped_key(cmd, dir, "read,write")
+}
+
+/// [`create_key`] with the given scopes (comma-separated).
+pub fn create_scoped_key(
+    cmd: &mut std::process::Command,
+    dir: &std::path::Path,
+    scopes: &str,
+) -> String {
     use std::os::unix::fs::PermissionsExt as _;
-    let file = dir.join("api-key");
+    let file = dir.join(format!("api-key-{}", scopes.replace(',', "-")));
     let out = cmd
         .args([
-            "admin",
-            "key",
-            "create",
-            "--tenant",
-            "default",
-            "--output-file",
+            "admin", "key", "create", "--tenant", "default", "--scopes", scopes,
         ])
+        .arg("--output-file")
         .arg(&file)
         .output()
         .expect("run memu-worker");
