@@ -11,7 +11,9 @@ import asyncio
 import os
 import sys
 
+import checks
 import httpx2
+from checks import check
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
@@ -24,14 +26,6 @@ TOOLS = {
     "delete_memory",
     "forget_user",
 }
-checks = 0
-
-
-def check(condition, message):
-    global checks
-    checks += 1
-    if not condition:
-        raise AssertionError(message)
 
 
 async def call(client, name, arguments):
@@ -126,4 +120,4 @@ async def over_stdio(binary):
 if __name__ == "__main__":
     transport, target = sys.argv[1], sys.argv[2]
     asyncio.run(over_http(target) if transport == "http" else over_stdio(target))
-    print(f"MCP {transport}: {checks} checks passed")
+    print(f"MCP {transport}: {checks.passed} checks passed")

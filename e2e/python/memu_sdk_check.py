@@ -6,8 +6,9 @@ Exits non-zero on the first failed check.
 """
 
 import os
-import time
 
+import checks
+from checks import check, expect
 from memu.sdk.python import MemuClient
 from memu.sdk.python.exceptions import (
     MemuAuthenticationException,
@@ -25,34 +26,15 @@ from memu.sdk.python.models import (
 BASE = os.environ["MEMU_API_BASE_URL"]
 KEY = os.environ["MEMU_API_KEY"]
 client = MemuClient(base_url=BASE, api_key=KEY, max_retries=0)
-checks = 0
-
-
-def check(condition, message):
-    global checks
-    checks += 1
-    if not condition:
-        raise AssertionError(message)
 
 
 def wait(task_id):
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    def read():
         status = client.get_task_status(task_id)
         check(isinstance(status, MemorizeTaskStatusResponse), "status parses")
-        if status.status in ("SUCCESS", "FAILURE"):
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"task {task_id} never finished")
+        return status
 
-
-def expect(exception, call, what):
-    try:
-        call()
-    except exception:
-        check(True, what)
-        return
-    raise AssertionError(f"{what}: no {exception.__name__}")
+    return checks.poll(read, lambda s: s.status in ("SUCCESS", "FAILURE"), f"task {task_id}")
 
 
 # memorize, both conversation forms, each polled to SUCCESS
@@ -177,4 +159,4 @@ check(deleted.success and deleted.deleted_count >= 2, f"deleted {deleted}")
 after = client.retrieve_related_memory_items(user_id="maria", query="Lisbon", min_similarity=-1.0)
 check(after.total_found == 0, "nothing left")
 
-print(f"memu-py SDK: {checks} checks passed")
+print(f"memu-py SDK: {checks.passed} checks passed")

@@ -135,7 +135,7 @@ pub struct MemoryTools {
     tool_router: ToolRouter<Self>,
 }
 
-fn to_json(value: impl Serialize) -> Result<serde_json::Value, ApiError> {
+fn to_json<T: Serialize>(value: T) -> Result<serde_json::Value, ApiError> {
     serde_json::to_value(value).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -175,7 +175,7 @@ impl MemoryTools {
 
     /// Authorizes, runs and audits one tool call; API errors become tool errors the agent can
     /// read (`isError` with the same `error` body as the HTTP API).
-    async fn call<F, Fut>(
+    async fn call<F, Fut, T>(
         &self,
         ctx: &RequestContext<RoleServer>,
         tool: &str,
@@ -184,7 +184,8 @@ impl MemoryTools {
     ) -> Result<CallToolResult, ErrorData>
     where
         F: FnOnce(AppState, Caller) -> Fut,
-        Fut: Future<Output = Result<serde_json::Value, ApiError>>,
+        Fut: Future<Output = Result<T, ApiError>>,
+        T: Serialize,
     {
         let caller = match self.caller(ctx).await {
             Ok(caller) => caller,
@@ -202,7 +203,9 @@ impl MemoryTools {
             Ok::<_, crate::access::AccessError>(())
         };
         let outcome = match admitted.await {
-            Ok(()) => run(self.state.clone(), caller.clone()).await,
+            Ok(()) => run(self.state.clone(), caller.clone())
+                .await
+                .and_then(to_json),
             Err(e) => Err(e.into()),
         };
         let status = match &outcome {
@@ -296,9 +299,9 @@ impl MemoryTools {
             "memorize_status",
             ApiScope::Read,
             |state, caller| async move {
-                let axum::Json(status) =
-                    memu::memorize_status(State(state), caller, Path(args.task_id)).await?;
-                to_json(status)
+                memu::memorize_status(State(state), caller, Path(args.task_id))
+                    .await
+                    .map(|axum::Json(body)| body)
             },
         )
         .await
@@ -331,9 +334,9 @@ impl MemoryTools {
                     }),
                     ..Default::default()
                 };
-                let axum::Json(found) =
-                    memu::retrieve(State(state), caller, ApiJson(request)).await?;
-                to_json(found)
+                memu::retrieve(State(state), caller, ApiJson(request))
+                    .await
+                    .map(|axum::Json(body)| body)
             },
         )
         .await
@@ -357,9 +360,9 @@ impl MemoryTools {
                     agent_id: args.agent_id,
                     filter: None,
                 };
-                let axum::Json(categories) =
-                    memu::categories(State(state), caller, ApiJson(request)).await?;
-                to_json(categories)
+                memu::categories(State(state), caller, ApiJson(request))
+                    .await
+                    .map(|axum::Json(body)| body)
             },
         )
         .await
@@ -392,9 +395,9 @@ impl MemoryTools {
                     limit: args.limit,
                     cursor: args.cursor,
                 };
-                let axum::Json(page) =
-                    items::list(State(state), caller, Path(args.user_id), ApiQuery(params)).await?;
-                to_json(page)
+                items::list(State(state), caller, Path(args.user_id), ApiQuery(params))
+                    .await
+                    .map(|axum::Json(body)| body)
             },
         )
         .await
@@ -414,7 +417,7 @@ impl MemoryTools {
             |state, caller| async move {
                 let memory_id = args.memory_id.clone();
                 items::delete(State(state), caller, Path((args.user_id, args.memory_id))).await?;
-                to_json(serde_json::json!({"deleted": true, "memory_id": memory_id}))
+                Ok(serde_json::json!({"deleted": true, "memory_id": memory_id}))
             },
         )
         .await
@@ -436,10 +439,9 @@ impl MemoryTools {
                 let params = items::AgentParam {
                     agent_id: args.agent_id,
                 };
-                let axum::Json(receipt) =
-                    items::delete_user(State(state), caller, Path(args.user_id), ApiQuery(params))
-                        .await?;
-                to_json(receipt)
+                items::delete_user(State(state), caller, Path(args.user_id), ApiQuery(params))
+                    .await
+                    .map(|axum::Json(body)| body)
             },
         )
         .await

@@ -196,6 +196,26 @@ fn cloud_memory(item: MemoryItem, categories: &HashMap<Uuid, Vec<String>>) -> Cl
     }
 }
 
+/// Checks a similarity search: its scope, size, floor and query text.
+fn check_search(
+    state: &AppState,
+    (user_id, agent_id): (&str, Option<&str>),
+    top_k: usize,
+    min_similarity: f32,
+    (query_field, query): (&str, &str),
+) -> Result<(), ApiError> {
+    check_scope(state, user_id, agent_id)?;
+    check_top_k(state, top_k)?;
+    check_range("min_similarity", min_similarity)?;
+    if query.trim().is_empty() {
+        return Err(ApiError::invalid(
+            query_field,
+            format!("{query_field} must not be empty"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_scope(state: &AppState, user_id: &str, agent_id: Option<&str>) -> Result<(), ApiError> {
     let max = state.service.config.memory.max_id_len;
     check_id("user_id", user_id, max)?;
@@ -388,12 +408,13 @@ pub async fn related_memory_items(
     caller: Caller,
     CloudJson(req): CloudJson<RelatedItemsRequest>,
 ) -> Result<Json<RelatedItemsResponse>, CloudError> {
-    check_scope(&state, &req.user_id, req.agent_id.as_deref())?;
-    check_top_k(&state, req.top_k)?;
-    check_range("min_similarity", req.min_similarity)?;
-    if req.query.trim().is_empty() {
-        return Err(ApiError::invalid("query", "query must not be empty").into());
-    }
+    check_search(
+        &state,
+        (&req.user_id, req.agent_id.as_deref()),
+        req.top_k,
+        req.min_similarity,
+        ("query", &req.query),
+    )?;
     let wanted: Option<Vec<String>> = req.include_categories.clone().filter(|c| !c.is_empty());
     let user = caller.user(&req.user_id);
     let vector = state.service.embed_query(&req.query).await?;
@@ -510,12 +531,13 @@ pub async fn related_clustered_categories(
     caller: Caller,
     CloudJson(req): CloudJson<RelatedCategoriesRequest>,
 ) -> Result<Json<RelatedCategoriesResponse>, CloudError> {
-    check_scope(&state, &req.user_id, req.agent_id.as_deref())?;
-    check_top_k(&state, req.top_k)?;
-    check_range("min_similarity", req.min_similarity)?;
-    if req.category_query.trim().is_empty() {
-        return Err(ApiError::invalid("category_query", "category_query must not be empty").into());
-    }
+    check_search(
+        &state,
+        (&req.user_id, req.agent_id.as_deref()),
+        req.top_k,
+        req.min_similarity,
+        ("category_query", &req.category_query),
+    )?;
     let vector = state.service.embed_query(&req.category_query).await?;
     let mut scored: Vec<(Category, u64, f32)> = state
         .service
