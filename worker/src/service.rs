@@ -15,9 +15,9 @@ use memu_crds::worker::WorkerConfig;
 use crate::cache::{Cache, MemoryCache, decode_vector, encode_vector, generation_key};
 use crate::metrics::{BackendLabels, Metrics};
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, JobOverrides, MemoryItem, MemoryType, Message,
-    Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus, UsageTotals, UserRef,
-    dot,
+    Category, CategoryLink, DeletedCounts, ItemFilter, ItemPatch, JobOverrides, MemoryItem,
+    MemoryType, Message, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+    UsageTotals, UserRef, dot,
 };
 use crate::providers::{ChatModel, Embedder, MediaReader, ProviderError, build_chat, build_media};
 use crate::store::{EmbeddingSpace, MemoryStore, StoreError, UserExport};
@@ -771,6 +771,7 @@ impl MemoryService {
             .ok_or_else(|| ServiceError::NotFound(format!("memory item {id}")))
     }
 
+    /// Writes an item by hand; with `categories`, files it into those of its scope.
     pub async fn create_item(
         &self,
         scope: Scope,
@@ -778,11 +779,17 @@ impl MemoryService {
         summary: String,
         happened_at: Option<DateTime<Utc>>,
         extra: serde_json::Value,
+        categories: &[String],
     ) -> Result<MemoryItem, ServiceError> {
+        let id = Uuid::now_v7();
+        let links = match categories.is_empty() {
+            true => Vec::new(),
+            false => self.category_links(&scope, id, categories).await?,
+        };
         let embedding = self.embed_one(&summary).await?;
         let now = Utc::now();
         let item = MemoryItem {
-            id: Uuid::now_v7(),
+            id,
             tenant_id: scope.tenant_id,
             user_id: scope.user_id,
             agent_id: scope.agent_id,
@@ -800,17 +807,31 @@ impl MemoryService {
                 embedding,
             })
             .await?;
+        if !links.is_empty() {
+            self.store.file_item(item.user(), item.id, &links).await?;
+        }
         self.metrics.memory_items_written.inc();
         self.invalidate(item.user()).await;
         Ok(item)
     }
 
+    /// Changes an item; with `categories`, files it into exactly those (memU's
+    /// `memory_categories`), checked before anything is written.
     pub async fn update_item(
         &self,
         user: UserRef<'_>,
         id: Uuid,
         mut patch: ItemPatch,
+        categories: Option<&[String]>,
     ) -> Result<MemoryItem, ServiceError> {
+        let links = match categories {
+            Some(names) => {
+                let item = self.get_item(user, id).await?;
+                let scope = Scope::new(user, Some(item.agent_id));
+                Some(self.category_links(&scope, id, names).await?)
+            }
+            None => None,
+        };
         if let Some(summary) = &patch.summary {
             patch.embedding = Some(self.embed_one(summary).await?);
         }
@@ -819,8 +840,46 @@ impl MemoryService {
             .update_item(user, id, &patch)
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("memory item {id}")))?;
+        if let Some(links) = links {
+            self.store.file_item(user, id, &links).await?;
+        }
         self.invalidate(user).await;
         Ok(item)
+    }
+
+    /// Links of an item to the scope's categories named (case-insensitively, as memU matches
+    /// them); an unknown name is refused, naming it and the known ones.
+    async fn category_links(
+        &self,
+        scope: &Scope,
+        item_id: Uuid,
+        names: &[String],
+    ) -> Result<Vec<CategoryLink>, ServiceError> {
+        let categories = self.ensure_categories(scope).await?;
+        let mut links: Vec<CategoryLink> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let category = categories
+                .iter()
+                .find(|c| c.name.eq_ignore_ascii_case(name.trim()))
+                .ok_or_else(|| {
+                    let known: Vec<&str> = categories.iter().map(|c| c.name.as_str()).collect();
+                    invalid(
+                        format!("memory_categories[{i}]"),
+                        format!(
+                            "no category `{name}` for this user and agent; known: {}",
+                            known.join(", ")
+                        ),
+                    )
+                })?;
+            if !links.iter().any(|l| l.category_id == category.id) {
+                links.push(CategoryLink {
+                    item_id,
+                    category_id: category.id,
+                    confidence: 1.0,
+                });
+            }
+        }
+        Ok(links)
     }
 
     pub async fn delete_item(&self, user: UserRef<'_>, id: Uuid) -> Result<(), ServiceError> {

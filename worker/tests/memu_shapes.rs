@@ -254,6 +254,59 @@ async fn shapes(server: &TestServer) {
         .await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["summary"], "Octopuses have three hearts.");
+    // ... and its memory_categories: the item is filed where it is told, by name.
+    let (status, filed) = server
+        .post(
+            "/api/v1/users/maria/items",
+            json!({"memory_type": "event", "memory_content": "Maria ran the Lisbon half marathon.",
+                   "agent_id": "coach", "memory_categories": ["Activities", "goals"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{filed}");
+    let categories_of = |found: &Value, id: &Value| -> Vec<String> {
+        found["related_memories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["memory"]["memory_id"] == *id)
+            .map(|r| r["memory"]["category"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let search = json!({"user_id": "maria", "query": "half marathon", "min_similarity": -1.0,
+                        "top_k": 20, "include_categories": ["goals"]});
+    let (_, found) = server
+        .post(
+            "/api/v1/memory/retrieve/related-memory-items",
+            search.clone(),
+        )
+        .await;
+    assert_eq!(categories_of(&found, &filed["id"]).len(), 1, "{found}");
+    let (status, unknown) = server
+        .post(
+            "/api/v1/users/maria/items",
+            json!({"memory_type": "event", "memory_content": "x", "memory_categories": ["sports"]}),
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(unknown["error"]["field"], "memory_categories[0]");
+    let response = server
+        .http
+        .patch(server.url(&format!(
+            "/api/v1/users/maria/items/{}",
+            filed["id"].as_str().unwrap()
+        )))
+        .json(&json!({"memory_categories": ["experiences"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (_, found) = server
+        .post("/api/v1/memory/retrieve/related-memory-items", search)
+        .await;
+    assert!(
+        categories_of(&found, &filed["id"]).is_empty(),
+        "refiled: no longer in goals"
+    );
 
     // v3 delete: one agent's memories, then the user's.
     let (status, deleted) = server

@@ -81,6 +81,8 @@ pub struct CreateItem {
     pub happened_at: Option<DateTime<Utc>>,
     #[schema(value_type = Object)]
     pub extra: Option<serde_json::Value>,
+    /// Names of the user's categories to file the item into (memU 1.x's field).
+    pub memory_categories: Option<Vec<String>>,
 }
 
 /// Fields to change; absent fields stay. `happened_at: null` clears it.
@@ -94,6 +96,8 @@ pub struct UpdateItem {
     pub happened_at: Option<Option<DateTime<Utc>>>,
     #[schema(value_type = Object)]
     pub extra: Option<serde_json::Value>,
+    /// File the item into exactly these of the user's categories (memU 1.x's field).
+    pub memory_categories: Option<Vec<String>>,
 }
 
 /// Distinguishes a field given as `null` (Some(None)) from an absent one (None).
@@ -245,6 +249,7 @@ pub async fn create(
             req.summary,
             req.happened_at,
             extra,
+            req.memory_categories.as_deref().unwrap_or_default(),
         )
         .await?;
     Ok((StatusCode::CREATED, Json(item.into())))
@@ -280,7 +285,12 @@ pub async fn update(
     Ok(Json(
         state
             .service
-            .update_item(caller.user(&user_id), id, patch)
+            .update_item(
+                caller.user(&user_id),
+                id,
+                patch,
+                req.memory_categories.as_deref(),
+            )
             .await?
             .into(),
     ))

@@ -12,8 +12,8 @@ use uuid::Uuid;
 use memu_crds::worker::{CategorySpec, DatabaseBackend, WorkerConfig};
 
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
-    MemoryType, NewItem, Page, Resource, Scope, ScoredItem, Task, UsageTotals, UserRef,
+    Category, CategoryLink, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome,
+    MemoryItem, MemoryType, NewItem, Page, Resource, Scope, ScoredItem, Task, UsageTotals, UserRef,
 };
 use crate::tenancy::{ApiKeyRecord, AuditEntry, CostRow, DailyUsage, Tenant, TenantLimits};
 
@@ -294,6 +294,13 @@ pub trait MemoryStore: AccessStore {
         &self,
         user: UserRef<'_>,
     ) -> Result<Vec<(Category, u64)>, StoreError>;
+    /// Files an item into exactly these categories (its earlier links go).
+    async fn file_item(
+        &self,
+        user: UserRef<'_>,
+        item_id: Uuid,
+        links: &[CategoryLink],
+    ) -> Result<(), StoreError>;
     /// The categories the given items are filed in, as `(item, category)` pairs.
     async fn item_categories(
         &self,

@@ -25,8 +25,8 @@ use super::{
 };
 use crate::config::read_secret;
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
-    MemoryType, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+    Category, CategoryLink, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome,
+    MemoryItem, MemoryType, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
     UsageTotals, UserRef,
 };
 use crate::tenancy::{
@@ -416,6 +416,29 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_links_tx(
+        tx: &mut sqlx::PgConnection,
+        user: UserRef<'_>,
+        links: &[CategoryLink],
+    ) -> Result<(), StoreError> {
+        for link in links {
+            sqlx::query(
+                "INSERT INTO category_items (tenant_id, user_id, memory_item_id, category_id, confidence) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (tenant_id, user_id, memory_item_id, category_id) \
+                 DO UPDATE SET confidence = EXCLUDED.confidence",
+            )
+            .bind(user.tenant_id)
+            .bind(user.user_id)
+            .bind(link.item_id)
+            .bind(link.category_id)
+            .bind(link.confidence)
+            .execute(&mut *tx)
+            .await?;
+        }
         Ok(())
     }
 
@@ -851,21 +874,7 @@ impl MemoryStore for PgStore {
             .execute(&mut *tx)
             .await?;
         }
-        for link in &outcome.links {
-            sqlx::query(
-                "INSERT INTO category_items (tenant_id, user_id, memory_item_id, category_id, confidence) \
-                 VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (tenant_id, user_id, memory_item_id, category_id) \
-                 DO UPDATE SET confidence = EXCLUDED.confidence",
-            )
-            .bind(&task.tenant_id)
-            .bind(&task.user_id)
-            .bind(link.item_id)
-            .bind(link.category_id)
-            .bind(link.confidence)
-            .execute(&mut *tx)
-            .await?;
-        }
+        Self::insert_links_tx(&mut tx, task.user(), &outcome.links).await?;
         for update in &outcome.category_updates {
             sqlx::query(
                 "UPDATE memory_categories SET summary = $1, embedding = $2, updated_at = now() \
@@ -994,6 +1003,26 @@ impl MemoryStore for PgStore {
                 ))
             })
             .collect()
+    }
+
+    async fn file_item(
+        &self,
+        user: UserRef<'_>,
+        item_id: Uuid,
+        links: &[CategoryLink],
+    ) -> Result<(), StoreError> {
+        let mut tx = Self::tenant_tx(&self.primary, user.tenant_id).await?;
+        sqlx::query(
+            "DELETE FROM category_items WHERE tenant_id = $1 AND user_id = $2 AND memory_item_id = $3",
+        )
+        .bind(user.tenant_id)
+        .bind(user.user_id)
+        .bind(item_id)
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_links_tx(&mut tx, user, links).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn item_categories(

@@ -21,8 +21,8 @@ use super::{
     text_query_terms, usage_totals_from,
 };
 use crate::model::{
-    Category, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome, MemoryItem,
-    MemoryType, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
+    Category, CategoryLink, DeletedCounts, ItemFilter, ItemPatch, LlmUsage, MemorizeOutcome,
+    MemoryItem, MemoryType, Modality, NewItem, Page, Resource, Scope, ScoredItem, Task, TaskStatus,
     UsageTotals, UserRef,
 };
 use crate::tenancy::{
@@ -294,6 +294,28 @@ impl SqliteStore {
             .bind(micros(item.updated_at))
             .bind(item.extra.to_string())
             .bind(encode_vector(&new.embedding))
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_links_tx(
+        tx: &mut sqlx::SqliteConnection,
+        user: UserRef<'_>,
+        links: &[CategoryLink],
+    ) -> Result<(), StoreError> {
+        for link in links {
+            sqlx::query(
+                "INSERT INTO category_items (tenant_id, user_id, memory_item_id, category_id, confidence) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, user_id, memory_item_id, category_id) \
+                 DO UPDATE SET confidence = excluded.confidence",
+            )
+            .bind(user.tenant_id)
+            .bind(user.user_id)
+            .bind(link.item_id.to_string())
+            .bind(link.category_id.to_string())
+            .bind(link.confidence)
             .execute(&mut *tx)
             .await?;
         }
@@ -611,20 +633,7 @@ impl MemoryStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
-        for link in &outcome.links {
-            sqlx::query(
-                "INSERT INTO category_items (tenant_id, user_id, memory_item_id, category_id, confidence) \
-                 VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, user_id, memory_item_id, category_id) \
-                 DO UPDATE SET confidence = excluded.confidence",
-            )
-            .bind(&task.tenant_id)
-            .bind(&task.user_id)
-            .bind(link.item_id.to_string())
-            .bind(link.category_id.to_string())
-            .bind(link.confidence)
-            .execute(&mut *tx)
-            .await?;
-        }
+        Self::insert_links_tx(&mut tx, task.user(), &outcome.links).await?;
         for update in &outcome.category_updates {
             sqlx::query(
                 "UPDATE memory_categories SET summary = ?, embedding = ?, updated_at = ? \
@@ -762,6 +771,26 @@ impl MemoryStore for SqliteStore {
         .iter()
         .map(|row| Ok((category_from_row(row)?, row.try_get::<i64, _>("items")? as u64)))
         .collect()
+    }
+
+    async fn file_item(
+        &self,
+        user: UserRef<'_>,
+        item_id: Uuid,
+        links: &[CategoryLink],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM category_items WHERE tenant_id = ? AND user_id = ? AND memory_item_id = ?",
+        )
+        .bind(user.tenant_id)
+        .bind(user.user_id)
+        .bind(item_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        Self::insert_links_tx(&mut tx, user, links).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn item_categories(
