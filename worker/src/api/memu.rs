@@ -836,3 +836,97 @@ pub async fn clear(
         deleted: erasure.deleted,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spoken(text: &str) -> Vec<(String, String)> {
+        conversation_from_text(text, Some("Maria"), Some("Coach"))
+            .into_iter()
+            .map(|m| (m.role, m.content.into_text()))
+            .collect()
+    }
+
+    #[test]
+    fn flattened_conversations_split_by_speaker() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(r, c)| (r.to_string(), c.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            spoken("Maria: hi\nCoach: hello\nSYSTEM: be brief\nuser: a: b"),
+            pairs(&[
+                ("user", "hi"),
+                ("assistant", "hello"),
+                ("system", "be brief"),
+                ("user", "a: b")
+            ])
+        );
+        // Lines without a speaker continue the message; text before any speaker is the user's.
+        assert_eq!(
+            spoken("\nfirst words\nMaria: one\ntwo: three\n\nCoach: ok"),
+            pairs(&[
+                ("user", "first words"),
+                ("user", "one\ntwo: three"),
+                ("assistant", "ok")
+            ])
+        );
+        assert_eq!(
+            spoken("no speaker at all"),
+            pairs(&[("user", "no speaker at all")])
+        );
+        assert!(spoken("  \n ").is_empty());
+    }
+
+    #[test]
+    fn override_config_takes_types_and_categories_only() {
+        assert!(job_overrides(None).unwrap().is_empty());
+        assert!(
+            job_overrides(Some(serde_json::Value::Null))
+                .unwrap()
+                .is_empty()
+        );
+        let ok = job_overrides(Some(serde_json::json!({
+            "memory_types": ["profile", "skill"],
+            "memory_categories": [{"name": "music_2", "description": "songs"}]
+        })))
+        .unwrap();
+        assert_eq!(
+            ok.memory_types(&[MemoryType::Event]),
+            [MemoryType::Profile, MemoryType::Skill]
+        );
+        assert_eq!(
+            JobOverrides::default().memory_types(&[MemoryType::Event]),
+            [MemoryType::Event]
+        );
+        let field = |v: serde_json::Value| job_overrides(Some(v)).unwrap_err().field.unwrap();
+        assert_eq!(
+            field(serde_json::json!({"memory_types": ["nope"]})),
+            "override_config"
+        );
+        assert_eq!(
+            field(serde_json::json!({"memory_categories": []})),
+            "override_config.memory_categories"
+        );
+        assert_eq!(
+            field(serde_json::json!({"memory_categories": [{"name": "x", "description": " "}]})),
+            "override_config.memory_categories[0].description"
+        );
+    }
+
+    #[test]
+    fn task_ids_in_both_forms() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_task_id(&id.to_string()).unwrap(), id);
+        assert_eq!(
+            parse_task_id(&format!("memorize-{}", id.simple())).unwrap(),
+            id
+        );
+        assert_eq!(
+            parse_task_id("memorize-xyz").unwrap_err().field.as_deref(),
+            Some("task_id")
+        );
+    }
+}
