@@ -4,6 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use memu_worker::api::admin::{CreateKey, CreateTenant};
+use memu_worker::api::cloud_v1::{
+    DefaultCategoriesRequest, DeleteRequest, RelatedCategoriesRequest, RelatedItemsRequest,
+};
 use memu_worker::api::error::{ApiError, parse_json};
 use memu_worker::api::items::{CreateItem, DocumentRequest, ListParams, UpdateItem};
 use memu_worker::api::memu::{MemorizeRequest, RetrieveRequest, ScopeRequest};
@@ -19,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else {
         return;
     };
-    match selector % 11 {
+    match selector % 15 {
         0 => refused_with_4xx(parse_json::<MemorizeRequest>(body)),
         1 => refused_with_4xx(parse_json::<RetrieveRequest>(body)),
         2 => refused_with_4xx(parse_json::<ScopeRequest>(body)),
@@ -32,6 +35,10 @@ fuzz_target!(|data: &[u8]| {
         9 => {
             let _ = serde_urlencoded::from_bytes::<ListParams>(body);
         }
+        10 => refused_with_4xx(parse_json::<DefaultCategoriesRequest>(body)),
+        11 => refused_with_4xx(parse_json::<RelatedItemsRequest>(body)),
+        12 => refused_with_4xx(parse_json::<RelatedCategoriesRequest>(body)),
+        13 => refused_with_4xx(parse_json::<DeleteRequest>(body)),
         _ => {
             if let Ok(token) = std::str::from_utf8(body)
                 && let Some(id) = key_id_of(token)
