@@ -69,6 +69,32 @@ pub struct Context {
     /// those, so the sweep's lists run only then (and once per cluster after a restart, which
     /// covers an upgraded operator).
     swept: std::sync::Mutex<HashMap<String, (Option<i64>, Capabilities)>>,
+    /// Per MemUCluster (by uid), the resourceVersion each child had after the operator's last
+    /// apply (by `kind/name`). An apply answered with that same version changed nothing, so
+    /// telling changed from unchanged needs no GET before the apply.
+    applied: std::sync::Mutex<HashMap<String, HashMap<String, String>>>,
+}
+
+/// The children's versions of one MemUCluster as last applied (see `Context::applied`).
+pub struct AppliedVersions<'a> {
+    ctx: &'a Context,
+    cluster_uid: String,
+}
+
+impl AppliedVersions<'_> {
+    fn get(&self, child: &str) -> Option<String> {
+        let applied = self.ctx.applied.lock().expect("applied versions lock");
+        applied.get(&self.cluster_uid)?.get(child).cloned()
+    }
+
+    fn record(&self, child: String, version: Option<String>) {
+        let mut applied = self.ctx.applied.lock().expect("applied versions lock");
+        let children = applied.entry(self.cluster_uid.clone()).or_default();
+        match version {
+            Some(v) => children.insert(child, v),
+            None => children.remove(&child),
+        };
+    }
 }
 
 impl Context {
@@ -83,6 +109,14 @@ impl Context {
             metrics,
             capabilities: tokio::sync::Mutex::new(None),
             swept: std::sync::Mutex::new(HashMap::new()),
+            applied: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn applied_versions(&self, cluster_uid: String) -> AppliedVersions<'_> {
+        AppliedVersions {
+            ctx: self,
+            cluster_uid,
         }
     }
 
@@ -110,8 +144,13 @@ impl Context {
             .insert(uid, (generation, caps));
     }
 
-    fn forget_sweep(&self, uid: &str) {
+    /// Forgets what was memoized for a deleted cluster.
+    fn forget(&self, uid: &str) {
         self.swept.lock().expect("sweep memo lock").remove(uid);
+        self.applied
+            .lock()
+            .expect("applied versions lock")
+            .remove(uid);
     }
 }
 
@@ -288,8 +327,9 @@ async fn apply(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action, E
         )
         .await?;
     }
-    let changed = apply_all(client, &ns, &desired).await?;
     let uid = cluster.uid().unwrap_or_default();
+    let versions = ctx.applied_versions(uid.clone());
+    let changed = apply_all(client, &ns, &desired, &versions).await?;
     let removed = if ctx.needs_sweep(&uid, generation, caps) {
         let removed = remove_orphans(client, &ns, &name, &desired, caps).await?;
         ctx.record_sweep(uid, generation, caps);
@@ -526,8 +566,44 @@ async fn publish(ctx: &Context, cluster: &MemUCluster, type_: EventType, reason:
     }
 }
 
-/// Server-side applies one object; true when the server's copy changed.
-async fn ssa<K>(client: &Client, ns: &str, object: &K) -> Result<bool, Error>
+/// Server-side applies one object through `api`; true when the server's copy changed. The
+/// version before is the one this operator last saw, read from the server only the first time.
+async fn apply_object<K>(
+    api: Api<K>,
+    child: String,
+    object: &K,
+    versions: &AppliedVersions<'_>,
+) -> Result<bool, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let before = match versions.get(&child) {
+        Some(version) => Some(version),
+        None => api
+            .get_opt(&name)
+            .await?
+            .and_then(|o| o.meta().resource_version.clone()),
+    };
+    let after = api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await?;
+    let version = after.meta().resource_version.clone();
+    versions.record(child, version.clone());
+    Ok(before != version)
+}
+
+/// Server-side applies one typed child.
+async fn ssa<K>(
+    client: &Client,
+    ns: &str,
+    object: &K,
+    versions: &AppliedVersions<'_>,
+) -> Result<bool, Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -535,60 +611,54 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let name = object.meta().name.clone().unwrap_or_default();
-    let before = api
-        .get_opt(&name)
-        .await?
-        .and_then(|o| o.meta().resource_version.clone());
-    let after = api
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(object),
-        )
-        .await?;
-    Ok(before != after.meta().resource_version)
+    let child = format!("{}/{}", K::kind(&()), object.name_any());
+    apply_object(Api::namespaced(client.clone(), ns), child, object, versions).await
 }
 
-/// Server-side applies a dynamic object (CloudNativePG Cluster, ServiceMonitor, KEDA objects);
-/// true when the server's copy changed.
+/// Server-side applies a dynamic child (CloudNativePG Cluster, ServiceMonitor, KEDA objects).
 async fn ssa_dynamic(
     client: &Client,
     ns: &str,
     resource: &ApiResource,
     object: &kube::api::DynamicObject,
+    versions: &AppliedVersions<'_>,
 ) -> Result<bool, Error> {
-    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, resource);
-    let name = object.metadata.name.clone().unwrap_or_default();
-    let before = api
-        .get_opt(&name)
-        .await?
-        .and_then(|x| x.metadata.resource_version);
-    let after = api
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(object),
-        )
-        .await?;
-    Ok(before != after.metadata.resource_version)
+    let child = format!("{}/{}", resource.kind, object.name_any());
+    let api = Api::namespaced_with(client.clone(), ns, resource);
+    apply_object(api, child, object, versions).await
 }
 
 /// Applies every child, in three steps so that what the pods read exists before they start:
 /// identity, configuration and services; then migration Jobs; then the workloads and what
 /// scales and guards them. Within a step the objects are applied concurrently (a reconcile's
 /// latency is its API round trips).
-async fn apply_all(client: &Client, ns: &str, d: &Desired) -> Result<usize, Error> {
+async fn apply_all(
+    client: &Client,
+    ns: &str,
+    d: &Desired,
+    versions: &AppliedVersions<'_>,
+) -> Result<usize, Error> {
     type Applying<'a> = futures::future::BoxFuture<'a, Result<bool, Error>>;
     async fn step(applying: Vec<Applying<'_>>) -> Result<usize, Error> {
         let changed = futures::future::try_join_all(applying).await?;
         Ok(changed.into_iter().filter(|c| *c).count())
     }
     let mut first: Vec<Applying> = Vec::new();
-    first.extend(d.service_account.iter().map(|o| ssa(client, ns, o).boxed()));
-    first.extend(d.config_map.iter().map(|o| ssa(client, ns, o).boxed()));
-    first.extend(d.services.iter().map(|o| ssa(client, ns, o).boxed()));
+    first.extend(
+        d.service_account
+            .iter()
+            .map(|o| ssa(client, ns, o, versions).boxed()),
+    );
+    first.extend(
+        d.config_map
+            .iter()
+            .map(|o| ssa(client, ns, o, versions).boxed()),
+    );
+    first.extend(
+        d.services
+            .iter()
+            .map(|o| ssa(client, ns, o, versions).boxed()),
+    );
     let mut changed = step(first).await?;
 
     // Jobs are immutable once created: apply only when absent.
@@ -603,7 +673,7 @@ async fn apply_all(client: &Client, ns: &str, d: &Desired) -> Result<usize, Erro
                 if jobs.get_metadata_opt(name).await?.is_some() {
                     return Ok(false);
                 }
-                ssa(client, ns, o).await
+                ssa(client, ns, o, versions).await
             }
             .boxed()
         })
@@ -611,14 +681,22 @@ async fn apply_all(client: &Client, ns: &str, d: &Desired) -> Result<usize, Erro
     changed += step(applying).await?;
 
     let mut last: Vec<Applying> = Vec::new();
-    last.extend(d.stateful_sets.iter().map(|o| ssa(client, ns, o).boxed()));
-    last.extend(d.deployments.iter().map(|o| ssa(client, ns, o).boxed()));
-    last.extend(d.hpas.iter().map(|o| ssa(client, ns, o).boxed()));
-    last.extend(d.pdbs.iter().map(|o| ssa(client, ns, o).boxed()));
+    last.extend(
+        d.stateful_sets
+            .iter()
+            .map(|o| ssa(client, ns, o, versions).boxed()),
+    );
+    last.extend(
+        d.deployments
+            .iter()
+            .map(|o| ssa(client, ns, o, versions).boxed()),
+    );
+    last.extend(d.hpas.iter().map(|o| ssa(client, ns, o, versions).boxed()));
+    last.extend(d.pdbs.iter().map(|o| ssa(client, ns, o, versions).boxed()));
     last.extend(
         d.dynamic
             .iter()
-            .map(|(resource, o)| ssa_dynamic(client, ns, resource, o).boxed()),
+            .map(|(resource, o)| ssa_dynamic(client, ns, resource, o, versions).boxed()),
     );
     changed += step(last).await?;
     Ok(changed)
@@ -710,7 +788,7 @@ async fn cleanup(cluster: Arc<MemUCluster>, ctx: Arc<Context>) -> Result<Action,
     let ns = cluster.namespace().unwrap_or_else(|| "default".into());
     let name = cluster.name_any();
     ctx.metrics.forget_cluster(&ns, &name);
-    ctx.forget_sweep(&cluster.uid().unwrap_or_default());
+    ctx.forget(&cluster.uid().unwrap_or_default());
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     pvcs.delete_collection(
         &DeleteParams::background(),
