@@ -722,25 +722,16 @@ impl MemoryService {
         Ok(categories)
     }
 
-    /// The names of the categories each item is filed in, best fit first.
+    /// The names of the categories each item is filed in, best fit first; `names` maps the
+    /// user's category ids to names (the caller has listed them already).
     pub async fn item_category_names(
         &self,
         user: UserRef<'_>,
         items: &[Uuid],
+        names: &HashMap<Uuid, String>,
     ) -> Result<HashMap<Uuid, Vec<String>>, ServiceError> {
-        let links = self.store.item_categories(user, items).await?;
-        if links.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let names: HashMap<Uuid, String> = self
-            .store
-            .list_user_categories(user)
-            .await?
-            .into_iter()
-            .map(|(c, _)| (c.id, c.name))
-            .collect();
         let mut by_item: HashMap<Uuid, Vec<String>> = HashMap::new();
-        for (item, category) in links {
+        for (item, category) in self.store.item_categories(user, items).await? {
             if let Some(name) = names.get(&category) {
                 by_item.entry(item).or_default().push(name.clone());
             }

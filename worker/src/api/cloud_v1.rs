@@ -287,12 +287,21 @@ pub struct DefaultCategoriesResponse {
     pub total_categories: usize,
 }
 
-/// The summary of a category, or its newest memories.
+/// Category ids to names, for naming the categories of listed items.
+fn category_names(categories: &[(Category, u64)]) -> HashMap<Uuid, String> {
+    categories
+        .iter()
+        .map(|(c, _)| (c.id, c.name.clone()))
+        .collect()
+}
+
+/// The summary of a category, or its newest memories (`names`: see [`category_names`]).
 async fn category_content(
     state: &AppState,
     caller: &Caller,
     category: &Category,
     want_summary: bool,
+    names: &HashMap<Uuid, String>,
 ) -> Result<(Option<String>, Option<Vec<CloudMemory>>), CloudError> {
     if want_summary {
         return Ok((Some(category.summary.clone()), None));
@@ -305,7 +314,7 @@ async fn category_content(
         .await
         .map_err(ApiError::from)?;
     let ids: Vec<Uuid> = items.iter().map(|i| i.id).collect();
-    let names = state.service.item_category_names(user, &ids).await?;
+    let names = state.service.item_category_names(user, &ids, names).await?;
     Ok((
         None,
         Some(items.into_iter().map(|i| cloud_memory(i, &names)).collect()),
@@ -323,17 +332,18 @@ pub async fn default_categories(
 ) -> Result<Json<DefaultCategoriesResponse>, CloudError> {
     check_scope(&state, &req.user_id, req.agent_id.as_deref())?;
     let defaults = &state.service.config.memory.categories;
-    let mut categories = Vec::new();
-    for (category, count) in state
+    let listed = state
         .service
         .user_categories(caller.user(&req.user_id), req.agent_id.as_deref())
-        .await?
-    {
+        .await?;
+    let names = category_names(&listed);
+    let mut categories = Vec::new();
+    for (category, count) in listed {
         if count == 0 && !req.include_inactive {
             continue;
         }
         let (summary, memories) =
-            category_content(&state, &caller, &category, req.want_summary).await?;
+            category_content(&state, &caller, &category, req.want_summary, &names).await?;
         categories.push(CloudCategory {
             kind: if defaults.iter().any(|d| d.name == category.name) {
                 "default"
@@ -418,6 +428,12 @@ pub async fn related_memory_items(
     let wanted: Option<Vec<String>> = req.include_categories.clone().filter(|c| !c.is_empty());
     let user = caller.user(&req.user_id);
     let vector = state.service.embed_query(&req.query).await?;
+    let category_names = category_names(
+        &state
+            .service
+            .user_categories(user, req.agent_id.as_deref())
+            .await?,
+    );
     let mut input = RetrieveInput {
         tenant_id: caller.tenant_id().to_string(),
         user_id: req.user_id.clone(),
@@ -436,7 +452,10 @@ pub async fn related_memory_items(
     let (found, names) = loop {
         let found = state.service.search(&input, &vector, false).await?;
         let ids: Vec<Uuid> = found.iter().map(|s| s.item.id).collect();
-        let names = state.service.item_category_names(user, &ids).await?;
+        let names = state
+            .service
+            .item_category_names(user, &ids, &category_names)
+            .await?;
         let exhausted = found.len() < input.top_k
             || found.last().is_some_and(|s| s.score < req.min_similarity)
             || input.top_k >= MAX_FILTERED_DEPTH;
@@ -539,10 +558,12 @@ pub async fn related_clustered_categories(
         ("category_query", &req.category_query),
     )?;
     let vector = state.service.embed_query(&req.category_query).await?;
-    let mut scored: Vec<(Category, u64, f32)> = state
+    let listed = state
         .service
         .user_categories(caller.user(&req.user_id), req.agent_id.as_deref())
-        .await?
+        .await?;
+    let names = category_names(&listed);
+    let mut scored: Vec<(Category, u64, f32)> = listed
         .into_iter()
         .filter(|(c, count)| *count > 0 && c.embedding.len() == vector.len())
         .map(|(c, count)| {
@@ -556,7 +577,7 @@ pub async fn related_clustered_categories(
     let mut clustered = Vec::with_capacity(scored.len());
     for (category, count, score) in scored {
         let (summary, memories) =
-            category_content(&state, &caller, &category, req.want_summary).await?;
+            category_content(&state, &caller, &category, req.want_summary, &names).await?;
         clustered.push(ClusteredCategory {
             name: category.name,
             user_id: category.user_id,
